@@ -1,0 +1,229 @@
+"""The one validated configuration object, loaded from YAML.
+
+Names and defaults follow the cloud AutoML-for-images service wherever it has them
+(``model_name``, ``learning_rate``, ``number_of_epochs``, ``limits.max_trials`` ...),
+so a user of that service finds every knob where they would look for it. A bad
+value fails before any work starts, naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from visionautoml.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class TrainingParameters(_Strict):
+    """Hyperparameters of one trial (a single training run)."""
+
+    model_name: str = "fasterrcnn_resnet50_fpn"
+    pretrained: str = Field(
+        "coco", description="coco | imagenet | none | PATH to a local state dict (loaded with weights_only=True)"
+    )
+    checkpoint_run_id: str | None = None
+    checkpoint_path: str | None = None
+
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 0.005
+    momentum: Annotated[float, Field(ge=0, le=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 1e-4
+    nesterov: bool = True
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    ams_gradient: bool = False
+
+    learning_rate_scheduler: Literal["warmup_cosine", "step"] = "warmup_cosine"
+    warmup_cosine_lr_cycles: Annotated[float, Field(ge=0, le=1)] = 0.45
+    warmup_cosine_lr_warmup_epochs: Annotated[int, Field(ge=0)] = 2
+    step_lr_gamma: Annotated[float, Field(gt=0, le=1)] = 0.5
+    step_lr_step_size: Annotated[int, Field(ge=1)] = 5
+
+    number_of_epochs: Annotated[int, Field(ge=1)] = 15
+    training_batch_size: Annotated[int, Field(ge=1)] = 2
+    validation_batch_size: Annotated[int, Field(ge=1)] = 1
+    gradient_accumulation_step: Annotated[int, Field(ge=1)] = 1
+
+    early_stopping: bool = True
+    early_stopping_patience: Annotated[int, Field(ge=1)] = 5
+    early_stopping_delay: Annotated[int, Field(ge=0)] = 5
+    evaluation_frequency: Annotated[int, Field(ge=1)] = 1
+    checkpoint_frequency: Annotated[int, Field(ge=1)] | None = None
+    layers_to_freeze: Annotated[int, Field(ge=0)] | None = None
+
+    min_size: Annotated[int, Field(ge=32)] | None = None
+    max_size: Annotated[int, Field(ge=32)] | None = None
+    image_size: Annotated[int, Field(ge=32)] | None = None
+    apply_automl_train_augmentations: bool = True
+    number_of_workers: Annotated[int, Field(ge=0)] | None = None
+
+    box_score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.3
+    nms_iou_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    box_detections_per_image: Annotated[int, Field(ge=1)] = 100
+    validation_metric_type: Literal["voc", "coco", "coco_voc"] = "voc"
+    validation_iou_threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
+
+    seed: int = 42
+    max_minutes: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Stop training after this wall time (the last evaluation still runs)."
+    )
+
+
+Distribution = Literal[
+    "choice", "uniform", "loguniform", "normal", "lognormal", "quniform", "qloguniform", "randint"
+]
+
+
+class ParameterDistribution(_Strict):
+    """One searched hyperparameter, in the cloud service's YAML shape."""
+
+    type: Distribution
+    values: list[Any] | None = None
+    min_value: float | None = None
+    max_value: float | None = None
+    mu: float | None = None
+    sigma: float | None = None
+    q: float | None = None
+    lower: int | None = None
+    upper: int | None = None
+
+    @model_validator(mode="after")
+    def _check_arguments(self) -> ParameterDistribution:
+        needed = {
+            "choice": ("values",),
+            "uniform": ("min_value", "max_value"),
+            "loguniform": ("min_value", "max_value"),
+            "quniform": ("min_value", "max_value", "q"),
+            "qloguniform": ("min_value", "max_value", "q"),
+            "normal": ("mu", "sigma"),
+            "lognormal": ("mu", "sigma"),
+            "randint": ("upper",),
+        }[self.type]
+        missing = [name for name in needed if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"distribution '{self.type}' needs {', '.join(missing)}")
+        if self.type == "choice" and not self.values:
+            raise ValueError("distribution 'choice' needs a non-empty list of values")
+        return self
+
+
+class Limits(_Strict):
+    max_trials: Annotated[int, Field(ge=1)] = 1
+    max_concurrent_trials: Annotated[int, Field(ge=1)] = 1
+    timeout_minutes: Annotated[float, Field(gt=0)] | None = None
+    trial_timeout_minutes: Annotated[float, Field(gt=0)] | None = None
+
+
+class EarlyTermination(_Strict):
+    type: Literal["bandit", "median_stopping", "truncation_selection", "asha"]
+    evaluation_interval: Annotated[int, Field(ge=1)] = 1
+    delay_evaluation: Annotated[int, Field(ge=0)] = 0
+    slack_factor: Annotated[float, Field(gt=0)] | None = None
+    slack_amount: Annotated[float, Field(gt=0)] | None = None
+    truncation_percentage: Annotated[int, Field(ge=1, le=99)] | None = None
+
+    @model_validator(mode="after")
+    def _check_policy(self) -> EarlyTermination:
+        if self.type == "bandit" and (self.slack_factor is None) == (self.slack_amount is None):
+            raise ValueError("bandit needs exactly one of slack_factor or slack_amount")
+        if self.type == "truncation_selection" and self.truncation_percentage is None:
+            raise ValueError("truncation_selection needs truncation_percentage")
+        return self
+
+
+class Sweep(_Strict):
+    sampling_algorithm: Literal["grid", "random", "bayesian"] = "random"
+    early_termination: EarlyTermination | None = None
+
+
+class Compute(_Strict):
+    target: Literal["local", "ray"] = "local"
+    address: str | None = None
+    min_nodes: Annotated[int, Field(ge=1)] = 1
+    min_gpus: Annotated[int, Field(ge=0)] = 0
+    wait_timeout_minutes: Annotated[float, Field(gt=0)] = 20
+    cpus_per_trial: Annotated[float, Field(gt=0)] | None = None
+    gpus_per_trial: Annotated[float, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _check_address(self) -> Compute:
+        if self.target == "ray" and not self.address:
+            raise ValueError("compute.target 'ray' needs an address (HOST:PORT or ray://HOST:10001)")
+        return self
+
+
+class Register(_Strict):
+    model_name: str | None = None
+    promote_if_better: str | None = None
+
+
+class Tracking(_Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite inside the workspace")
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+
+class JobConfig(_Strict):
+    """A whole job: data, one trial or a sweep, where to track and what to register."""
+
+    experiment_name: str = "visionautoml"
+    task: Literal["image_object_detection"] = "image_object_detection"
+    workspace: str = ".visionautoml"
+    training_data: str | None = None
+    validation_data: str | None = None
+    validation_data_size: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    tracking: Tracking = Tracking()
+    training_parameters: TrainingParameters = TrainingParameters()
+    limits: Limits = Limits()
+    sweep: Sweep = Sweep()
+    search_space: list[dict[str, ParameterDistribution]] = []
+    compute: Compute = Compute()
+    register: Register = Register()
+
+    def fingerprint(self) -> str:
+        """A short hash of the config, stored as a tag so a model points at its config."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration:"]
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {location}: {item['msg']}")
+    lines.append("Fix the field(s) above; `visionautoml train --help` lists the options.")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Read and validate a YAML job config; ``overrides`` are top-level keys set on top."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config: {error.strerror or error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a YAML mapping of keys to values")
+    raw.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
