@@ -33,13 +33,21 @@ app = typer.Typer(
 data_app = typer.Typer(help="Read, check, convert, fetch and version labelled datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-# --- data commands -----------------------------------------------------------------------------
+# --- data: validate, convert (owner: data-formats) ------------------------------------------
 
-# --- models, train, evaluate -------------------------------------------------------------------
+# --- data: fetch, register, list, show, stats (owner: data-ops) -------------------------------
 
-# --- deploy: export, predict, serve ------------------------------------------------------------
+# --- models zoo (owner: models) ---------------------------------------------------------------
 
-# --- pipeline, runs, secrets, report -----------------------------------------------------------
+# --- train, evaluate (owner: trainer) ---------------------------------------------------------
+
+# --- models list/show/promote, sweep (owner: automl) ------------------------------------------
+
+# --- export, predict, serve (owner: deploy) ----------------------------------------------------
+
+# --- pipeline, runs, secrets (owner: pipeline) -------------------------------------------------
+
+# --- report (owner: reports) ------------------------------------------------------------------
 
 
 def main() -> None:
