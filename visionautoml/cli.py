@@ -30,7 +30,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-data_app = typer.Typer(help="Read, check, convert, fetch and version labelled datasets.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Read, check, convert, fetch and version labelled datasets.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 
 # --- data: validate, convert (owner: data-formats) ------------------------------------------

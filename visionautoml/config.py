@@ -30,7 +30,8 @@ class TrainingParameters(_Strict):
 
     model_name: str = "fasterrcnn_resnet50_fpn"
     pretrained: str = Field(
-        "coco", description="coco | imagenet | none | PATH to a local state dict (loaded with weights_only=True)"
+        "coco",
+        description="coco | imagenet | none | PATH to a local state dict (loaded with weights_only=True)",
     )
     checkpoint_run_id: str | None = None
     checkpoint_path: str | None = None

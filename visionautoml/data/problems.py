@@ -41,7 +41,9 @@ class ProblemLog:
     def error(self, file: object, message: str, *, line: int | None = None, field: str | None = None) -> None:
         self.problems.append(Problem(Severity.ERROR, str(file), message, line, field))
 
-    def warning(self, file: object, message: str, *, line: int | None = None, field: str | None = None) -> None:
+    def warning(
+        self, file: object, message: str, *, line: int | None = None, field: str | None = None
+    ) -> None:
         self.problems.append(Problem(Severity.WARNING, str(file), message, line, field))
 
     @property
