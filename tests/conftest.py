@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,109 @@ def raccoon_dir() -> Path:
     if not (RACCOON_DIR / "annotations").is_dir():
         pytest.skip(f"real dataset not found at {RACCOON_DIR} (only present on the project's machines)")
     return RACCOON_DIR
+
+
+# --- deploy: one tiny trained detector for test_export, test_predict and test_serve (owner: deploy) ---
+
+
+@dataclass(frozen=True)
+class DeployModel:
+    data: Path  # VOC folder of textured images it was trained on
+    saved: Path  # saved-model folder
+    export: Path  # its ONNX export, parity checked
+
+
+@pytest.fixture(scope="session")
+def deploy_model(tmp_path_factory: pytest.TempPathFactory) -> DeployModel:
+    """SSDlite trained four steps on noisy squares: barely a detector, but its scores differ box to box."""
+    import numpy as np
+    import torch
+
+    from visionautoml.config import TrainingParameters
+    from visionautoml.deploy.export import export_saved_model, synthetic_images
+    from visionautoml.deploy.runtime import ExportSettings
+    from visionautoml.models.imageio import decode_image_file
+    from visionautoml.models.saved import ModelSpec, save_model
+    from visionautoml.models.zoo import build_model
+
+    root = tmp_path_factory.mktemp("deploy")
+    data = make_voc_dataset(root / "data", n_images=6, size=(96, 72))
+    noise = np.random.default_rng(0)
+    images, targets, classes = [], [], ["blue_square", "red_square"]
+    for xml in sorted((data / "annotations").glob("*.xml")):
+        path = data / "images" / f"{xml.stem}.jpg"
+        pixels = np.asarray(Image.open(path), dtype=np.int16) + noise.integers(-25, 26, (72, 96, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=95)
+        objects = ET.parse(xml).findall("object")
+        corners = [
+            [float(o.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")] for o in objects
+        ]
+        labels = [classes.index(o.findtext("name")) + 1 for o in objects]
+        images.append(decode_image_file(path).float() / 255)
+        targets.append({"boxes": torch.tensor(corners), "labels": torch.tensor(labels)})
+    params = TrainingParameters(
+        model_name="ssdlite320_mobilenet_v3_large",
+        pretrained="none",
+        image_size=128,
+        box_score_threshold=0.05,
+    )
+    torch.manual_seed(0)
+    model = build_model(params.model_name, len(classes) + 1, params)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(4):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    spec = ModelSpec.from_params(params, classes)
+    saved = save_model(model.eval(), spec, root / "model")
+    settings = ExportSettings.from_spec(spec)
+    export = export_saved_model(
+        model, settings, root / "export", synthetic_images(), sample_source="synthetic"
+    )
+    return DeployModel(data, saved, export.directory)
+
+
+_REGISTER_SCRIPT = """
+import sys
+from pathlib import Path
+
+import mlflow
+
+from visionautoml.config import JobConfig
+from visionautoml.tracking.models import log_saved_model
+from visionautoml.tracking.registry import register_model
+from visionautoml.tracking.workspace import connect
+
+connect(JobConfig(workspace=sys.argv[1]))
+with mlflow.start_run():
+    mlflow.set_tag("dataset.validation.path", sys.argv[3])
+    uri = log_saved_model(Path(sys.argv[2]))
+register_model(uri, "deploy-tiny")
+"""
+
+
+@pytest.fixture(scope="session")
+def deploy_registry(deploy_model: DeployModel, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """``deploy_model`` logged and registered in a fresh workspace: (tracking URI, models:/ URI).
+
+    Registered in a subprocess so this process's MLflow settings stay untouched; pass the
+    tracking URI to what uses it (MLFLOW_TRACKING_URI of a CLI call, MlflowClient(uri)).
+    """
+    import os
+    import subprocess
+    import sys
+
+    workspace = tmp_path_factory.mktemp("deploy-workspace")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    command = [
+        sys.executable,
+        "-c",
+        _REGISTER_SCRIPT,
+        str(workspace),
+        str(deploy_model.saved),
+        str(deploy_model.data),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return f"sqlite:///{workspace / 'mlflow.db'}", "models:/deploy-tiny@candidate"

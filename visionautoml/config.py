@@ -176,6 +176,30 @@ class Tracking(_Strict):
     token: str | None = None
 
 
+# --- pipeline section (owner: pipeline) -----------------------------------------------------------
+
+
+class Pipeline(_Strict):
+    """What `visionautoml pipeline run` fetches, checks and splits before training; ignored by `train`.
+
+    The datasets are registered as ``<experiment_name>-train`` and ``-validation``, the names a
+    sweep gives them, so one content never gets two names.
+    """
+
+    data: str | None = Field(
+        None, description="URL, zip/tar archive or folder of labelled images; `--data` overrides it"
+    )
+    sha256: str | None = Field(None, description="expected sha256 of a downloaded or local archive")
+    format: Literal["auto", "voc", "coco", "yolo", "jsonl"] = "auto"
+    validation_every: Annotated[int, Field(ge=2)] = Field(
+        5, description="every Nth image (in name order) goes to the validation set"
+    )
+    export: bool = Field(True, description="export the registered model to ONNX (checked against PyTorch)")
+
+
+# --- end of pipeline section -------------------------------------------------------------------------
+
+
 class JobConfig(_Strict):
     """A whole job: data, one trial or a sweep, where to track and what to register."""
 
@@ -192,6 +216,7 @@ class JobConfig(_Strict):
     search_space: list[dict[str, ParameterDistribution]] = []
     compute: Compute = Compute()
     register: Register = Register()
+    pipeline: Pipeline = Pipeline()
 
     def fingerprint(self) -> str:
         """A short hash of the config, stored as a tag so a model points at its config."""

@@ -1,0 +1,177 @@
+"""ONNX export: parity with PyTorch on a trained tiny model, clear failures, the registry flow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from torch import nn
+
+from visionautoml.deploy.export import ExportError, check_parity, export_saved_model, synthetic_images
+from visionautoml.deploy.runtime import ONNX_FILE, ExportSettings, OnnxPredictor, make_session
+from visionautoml.models.predictor import Predictor
+from visionautoml.models.saved import load_model, read_spec
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "visionautoml.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def toy_settings() -> ExportSettings:
+    return ExportSettings(
+        model_name="toy",
+        labels=["thing"],
+        box_score_threshold=0.5,
+        nms_iou_threshold=0.5,
+        box_detections_per_image=3,
+    )
+
+
+class _NoisyDetector(nn.Module):
+    """Exports fine, but its boxes are random numbers, so ONNX Runtime cannot agree with PyTorch."""
+
+    score_thresh = 0.5
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        boxes = torch.rand(3, 4) * images[0].shape[-1]
+        return [
+            {
+                "boxes": boxes,
+                "scores": torch.tensor([0.9, 0.8, 0.7]),
+                "labels": torch.ones(3, dtype=torch.int64),
+            }
+        ]
+
+
+class _EighDetector(_NoisyDetector):
+    """Uses an operator ONNX has no counterpart for."""
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        values = torch.linalg.eigh(images[0][0, :4, :4] @ images[0][0, :4, :4].T).eigenvalues
+        return [
+            {"boxes": values.reshape(1, 4), "scores": values[:1], "labels": torch.ones(1, dtype=torch.int64)}
+        ]
+
+
+def test_export_folder_has_graph_labels_thresholds_and_a_passed_parity_check(deploy_model):
+    export = deploy_model.export
+    assert sorted(path.name for path in export.iterdir()) == [
+        "labels.json",
+        "model.onnx",
+        "parity.json",
+        "settings.json",
+    ]
+    spec = read_spec(deploy_model.saved)
+    settings = ExportSettings.read(export)
+    assert settings.labels == spec.labels == json.loads((export / "labels.json").read_text())
+    assert settings.box_score_threshold == spec.box_score_threshold == 0.05
+    assert settings.nms_iou_threshold == spec.nms_iou_threshold
+    # SSD returns boxes, scores, labels (Faster R-CNN: boxes, labels, scores); names follow the dict.
+    assert settings.outputs == ["boxes", "scores", "labels"]
+    assert settings.graph_score_threshold < settings.box_score_threshold
+    parity = json.loads((export / "parity.json").read_text())
+    assert parity["passed"] is True
+    assert parity["compared"] == 30 and parity["unmatched"] == 0
+    assert parity["max_box_diff_px"] <= 0.01
+
+
+def test_onnx_predictor_matches_pytorch_at_other_image_sizes(deploy_model):
+    module, spec = load_model(deploy_model.saved)
+    generator = torch.Generator().manual_seed(1)
+    images = [
+        torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+        for shape in [(3, 50, 130), (3, 210, 90)]
+    ]
+    expected = Predictor(module, spec, batch_size=1).predict(images)
+    actual = OnnxPredictor(deploy_model.export, intra_op_threads=1).predict(images)
+    for want, got in zip(expected, actual, strict=True):
+        assert len(want) > 0
+        # The graph keeps boxes down to its lower threshold; the runtime applies the model's own.
+        assert len(got) == len(want)
+        assert bool((got.scores >= spec.box_score_threshold).all())
+        for box, score, label in zip(want.boxes, want.scores, want.labels, strict=True):
+            # Matched rather than compared by rank: boxes with equal scores may come out in either order.
+            same = [
+                float((other - box).abs().max())
+                for other, other_score, other_label in zip(got.boxes, got.scores, got.labels, strict=True)
+                if other_label == label and abs(float(other_score - score)) <= 1e-5
+            ]
+            assert same and min(same) <= 0.01, (box, score, label)
+
+
+def test_parity_check_rejects_a_graph_of_another_model(deploy_model):
+    other, _ = load_model(deploy_model.saved)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(1.1)
+    session = make_session(deploy_model.export / ONNX_FILE, intra_op_threads=1)
+    report = check_parity(
+        other, session, ["boxes", "scores", "labels"], synthetic_images()[:1], sample_source="synthetic"
+    )
+    assert not report.passed
+    assert report.unmatched > 0
+    assert "FAILED" in report.summary()
+
+
+def test_failed_parity_writes_nothing_and_says_why(tmp_path):
+    out = tmp_path / "export"
+    with pytest.raises(ExportError, match=r"does not match PyTorch.*max box difference"):
+        export_saved_model(
+            _NoisyDetector(), toy_settings(), out, synthetic_images()[:1], sample_source="synthetic"
+        )
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_that_does_not_export_says_so_and_writes_nothing(tmp_path):
+    out = tmp_path / "export"
+    with pytest.raises(ExportError, match=r"toy does not export to ONNX .*linalg_eigh.*PyTorch"):
+        export_saved_model(
+            _EighDetector(), toy_settings(), out, synthetic_images()[:1], sample_source="synthetic"
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_cli_checks_a_registered_model_records_parity_and_attaches_the_export(
+    deploy_registry, tmp_path
+):
+    tracking_uri, model_uri = deploy_registry
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    out = tmp_path / "exported"
+    result = run_cli("export", model_uri, "--format", "onnx", "--out", str(out), "--attach", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "parity passed" in result.stdout
+    assert "Traceback" not in result.stderr
+
+    parity = json.loads((out / "parity.json").read_text())
+    # The run recorded its validation data, so parity ran on those images rather than on noise.
+    assert parity["sample_source"] == "validation" and parity["images"] == 4
+    version = MlflowClient(tracking_uri).get_model_version_by_alias("deploy-tiny", "candidate")
+    assert version.tags["onnx.parity"] == "passed"
+    assert float(version.tags["onnx.parity.max_box_diff_px"]) <= 0.01
+
+    # Attached inside the saved model's artifact folder, where `serve` and `predict` look for an export.
+    client = MlflowClient(tracking_uri)
+    attached = [
+        item.path for item in client.list_logged_model_artifacts(version.model_id, "artifacts/model/onnx")
+    ]
+    assert sorted(Path(path).name for path in attached) == sorted(path.name for path in out.iterdir())
+
+
+def test_export_cli_refuses_an_unknown_format_and_a_missing_model(tmp_path):
+    result = run_cli("export", str(tmp_path / "no-model"), "--format", "tflite", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2
+    assert "onnx" in result.stderr
+    result = run_cli("export", str(tmp_path / "no-model"), "--out", str(tmp_path / "x"))
+    assert result.returncode == 1
+    assert "no-model" in result.stderr and "Traceback" not in result.stderr
+    assert not Path(tmp_path / "x").exists()

@@ -1,0 +1,355 @@
+"""Sweeps on a real in-process Ray, tracked in a real MLflow store, registered in its registry.
+
+Most tests use a quick stand-in trial function with ``run_trial``'s signature whose metric
+curve follows its learning rate, so each scheduler decision is known in advance; the
+last one trains real tiny models with the real ``run_trial``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from conftest import make_voc_dataset
+from mlflow import MlflowClient
+from ray import cloudpickle
+from rich.console import Console
+
+from visionautoml.automl import compute
+from visionautoml.automl.sweep import PRIMARY_METRIC, SweepInterrupted, run_sweep
+from visionautoml.config import parse_config
+from visionautoml.errors import TrainingError
+from visionautoml.tracking import registry
+from visionautoml.tracking.workspace import connect
+
+# Ray workers cannot import this test module; ship the stand-in trial by value instead.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+MODELS = ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"]
+# The stand-in reads its behaviour from the seed.
+RAISES, DIVERGES, DIES, INTERRUPTS = 101, 102, 103, 104
+
+
+@dataclass
+class ToyResult:
+    run_id: str | None
+    model_uri: str | None
+    metrics: dict[str, Any]
+    status: str
+    failure_reason: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def toy_trial(job, *, params, reporter, parent_run_id, run_name):
+    """``run_trial``'s contract at toy cost: metric(epoch) = 100 * learning_rate * epoch / epochs."""
+    import mlflow
+
+    workspace = Path(job.workspace)
+    with open(workspace / "calls.txt", "a", encoding="utf-8") as calls:
+        calls.write(f"{run_name}\n")
+    connect(job)
+    with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id) as run:
+        mlflow.log_params({"model_name": params.model_name, "learning_rate": params.learning_rate})
+        if params.seed == RAISES:
+            raise RuntimeError("toy trial exploded")
+        if params.seed == DIES:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if params.seed == INTERRUPTS and not (workspace / "interrupted").exists():
+            (workspace / "interrupted").touch()
+            # What Ctrl+C does to the sweep's process: Tune stops and saves its state.
+            os.kill(int((workspace / "driver.pid").read_text()), signal.SIGUSR1)
+        quality = 100 * params.learning_rate
+        best = 0.0
+        for epoch in range(1, params.number_of_epochs + 1):
+            value = math.nan if params.seed == DIVERGES and epoch == 2 else quality * epoch / params.number_of_epochs
+            mlflow.log_metric(PRIMARY_METRIC, value, step=epoch)
+            best = max(best, value)
+            time.sleep(0.05)
+            if reporter(epoch, {PRIMARY_METRIC: value, "map_50": value}):
+                break
+        model_dir = Path(tempfile.mkdtemp())
+        (model_dir / "model.json").write_text(json.dumps({"model_name": params.model_name}))
+        mlflow.log_artifacts(str(model_dir), "model")
+        shutil.rmtree(model_dir)
+    return ToyResult(run.info.run_id, f"runs:/{run.info.run_id}/model", {PRIMARY_METRIC: best}, "FINISHED")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One loopback-only Ray for the module; run_sweep uses a running Ray as it is."""
+    temp_dir = tempfile.mkdtemp(prefix="vaml-test-ray-", dir="/tmp")
+    compute.start_local_ray(num_cpus=2, temp_dir=temp_dir)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory):
+    """One MLflow database for the module: creating one costs seconds of schema migrations."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def make_job(tmp_path: Path, tracking_uri: str, **overrides: Any):
+    """A job with its own workspace, experiment and model name, in the module's MLflow store."""
+    data = make_voc_dataset(tmp_path / "data", n_images=10)
+    name = tmp_path.name.replace("_", "-")[:40]
+    raw = {
+        "experiment_name": name,
+        "workspace": str(tmp_path / "ws"),
+        "tracking": {"uri": tracking_uri},
+        "training_data": str(data),
+        "training_parameters": {"number_of_epochs": 3, "pretrained": "none"},
+        "limits": {"max_trials": 4, "max_concurrent_trials": 1},
+        "register": {"model_name": f"{name}-detector"},
+        **overrides,
+    }
+    return parse_config(raw)
+
+
+def client_for(job) -> MlflowClient:
+    connect(job)
+    return MlflowClient()
+
+
+def quiet() -> Console:
+    return Console(file=open(os.devnull, "w"), width=150)  # noqa: SIM115 - closed with the process
+
+
+def test_grid_sweep_with_bandit_stops_the_weak_trials_and_registers_the_best(local_ray, tracking_uri, tmp_path):
+    job = make_job(
+        tmp_path,
+        tracking_uri,
+        sweep={
+            "sampling_algorithm": "grid",
+            "early_termination": {"type": "bandit", "slack_factor": 0.2, "delay_evaluation": 1},
+        },
+        search_space=[
+            {
+                "model_name": {"type": "choice", "values": MODELS},
+                "learning_rate": {"type": "choice", "values": [0.009, 0.001]},
+            }
+        ],
+    )
+    out = tmp_path / "sweep.json"
+    result = run_sweep(job, output_json=out, trial_fn=toy_trial, console=quiet())
+
+    by_number = {trial.number: trial for trial in result.trials}
+    assert [by_number[n].params for n in (1, 2, 3, 4)] == [
+        {"model_name": MODELS[0], "learning_rate": 0.009},
+        {"model_name": MODELS[0], "learning_rate": 0.001},
+        {"model_name": MODELS[1], "learning_rate": 0.009},
+        {"model_name": MODELS[1], "learning_rate": 0.001},
+    ]
+    # Interval 1: the strong trials report 0.3, the weak 0.033 < 0.3 / 1.2.
+    assert [by_number[n].state for n in (1, 2, 3, 4)] == [
+        "completed",
+        "early_terminated",
+        "completed",
+        "early_terminated",
+    ]
+    assert by_number[2].evaluations == 1
+    assert "bandit" in by_number[2].reason and "0.25" in by_number[2].reason
+    assert result.best.number == 1
+    assert result.best.metrics[PRIMARY_METRIC] == pytest.approx(0.9)
+
+    client = client_for(job)
+    children = client.search_runs(
+        [result.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
+    )
+    states = sorted((run.data.tags["trial_state"], run.info.status) for run in children)
+    assert states == [("completed", "FINISHED")] * 2 + [("early_terminated", "KILLED")] * 2
+    artifacts = {item.path for item in client.list_artifacts(result.parent_run_id)}
+    assert {"leaderboard.md", "leaderboard.csv", "config.yaml", "search_space.json"} <= artifacts
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["best_trial_run_id"] == result.best.run_id
+    leaderboard = Path(client.download_artifacts(result.parent_run_id, "leaderboard.csv", str(tmp_path)))
+    assert leaderboard.read_text().splitlines()[1].startswith("1,1,completed,")
+
+    version = registry.get_version(job.register.model_name, alias="candidate")
+    assert version.version == result.registered_model.version == 1
+    assert version.run_id == result.best.run_id
+    assert version.metric() == pytest.approx(0.9)
+    assert version.tags["dataset.validation"].startswith(f"{job.experiment_name}-validation:")
+    assert version.tags["config_hash"] == job.fingerprint()
+    assert "git_commit" in version.tags
+
+    report = json.loads(out.read_text())
+    assert report["registered_model"] == {
+        "name": job.register.model_name,
+        "version": 1,
+        "aliases": ["candidate"],
+    }
+    assert report["parent_run_id"] == result.parent_run_id
+    assert [trial["state"] for trial in report["trials"]].count("early_terminated") == 2
+
+
+def test_failing_trials_are_recorded_with_their_reason_and_the_sweep_goes_on(local_ray, tracking_uri, tmp_path):
+    job = make_job(
+        tmp_path,
+        tracking_uri,
+        sweep={"sampling_algorithm": "grid"},
+        limits={"max_trials": 4, "max_concurrent_trials": 2},
+        search_space=[
+            {
+                "model_name": {"type": "choice", "values": MODELS[:1]},
+                "seed": {"type": "choice", "values": [RAISES, DIVERGES, DIES, 7]},
+            }
+        ],
+    )
+    result = run_sweep(job, trial_fn=toy_trial, console=quiet())
+
+    by_seed = {trial.params["seed"]: trial for trial in result.trials}
+    assert by_seed[7].state == "completed"
+    assert result.best is by_seed[7]
+    assert by_seed[RAISES].state == by_seed[DIVERGES].state == by_seed[DIES].state == "failed"
+    assert by_seed[RAISES].reason == "RuntimeError: toy trial exploded"
+    assert "mean_average_precision is nan at epoch 2" in by_seed[DIVERGES].reason
+    assert "process died" in by_seed[DIES].reason
+
+    client = client_for(job)
+    for seed in (RAISES, DIVERGES, DIES):
+        run = client.get_run(by_seed[seed].run_id)
+        assert run.info.status == "FAILED"
+        assert run.data.tags["failure_reason"] == by_seed[seed].reason
+    assert result.registered_model.name == job.register.model_name
+
+
+def test_bayesian_sweep_samples_conditional_subspaces_with_optuna(local_ray, tracking_uri, tmp_path):
+    job = make_job(
+        tmp_path,
+        tracking_uri,
+        sweep={"sampling_algorithm": "bayesian"},
+        limits={"max_trials": 4, "max_concurrent_trials": 2},
+        search_space=[
+            {
+                "model_name": {"type": "choice", "values": MODELS[:1]},
+                "learning_rate": {"type": "loguniform", "min_value": 0.001, "max_value": 0.009},
+            },
+            {
+                "model_name": {"type": "choice", "values": MODELS[1:]},
+                "momentum": {"type": "uniform", "min_value": 0.5, "max_value": 0.9},
+            },
+        ],
+    )
+    result = run_sweep(job, trial_fn=toy_trial, console=quiet())
+
+    assert len(result.trials) == 4
+    assert all(trial.state == "completed" for trial in result.trials)
+    for trial in result.trials:
+        if trial.params["model_name"] == MODELS[0]:
+            assert set(trial.params) == {"model_name", "learning_rate"}
+            assert 0.001 <= trial.params["learning_rate"] <= 0.009
+        else:
+            assert set(trial.params) == {"model_name", "momentum"}
+            assert 0.5 <= trial.params["momentum"] <= 0.9
+    assert result.registered_model is not None
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(local_ray, tracking_uri, tmp_path):
+    job = make_job(
+        tmp_path,
+        tracking_uri,
+        sweep={"sampling_algorithm": "grid"},
+        search_space=[
+            {
+                "model_name": {"type": "choice", "values": MODELS[:1]},
+                "seed": {"type": "choice", "values": [1, INTERRUPTS, 3, 4]},
+            }
+        ],
+    )
+    workspace = Path(job.workspace)
+    workspace.mkdir(parents=True)
+    (workspace / "driver.pid").write_text(str(os.getpid()))
+
+    with pytest.raises(SweepInterrupted, match="--resume"):
+        run_sweep(job, trial_fn=toy_trial, console=quiet())
+    first_calls = (workspace / "calls.txt").read_text().split()
+    assert len(first_calls) == 2
+
+    result = run_sweep(job, resume=True, trial_fn=toy_trial, console=quiet())
+    calls = (workspace / "calls.txt").read_text().split()
+    # The finished trial is not run again; the interrupted one starts over; the rest run once.
+    assert calls.count(first_calls[0]) == 1
+    assert calls.count(first_calls[1]) == 2
+    assert len(calls) == 5
+    assert [trial.state for trial in result.trials] == ["completed"] * 4
+    assert result.registered_model.version == 1
+
+    client = client_for(job)
+    children = client.search_runs(
+        [result.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
+    )
+    assert sorted(run.info.status for run in children) == ["FINISHED"] * 4 + ["KILLED"]
+
+    with pytest.raises(Exception, match="already finished"):
+        run_sweep(job, resume=True, trial_fn=toy_trial, console=quiet())
+
+
+def test_resume_without_an_earlier_sweep_says_so(tracking_uri, tmp_path):
+    job = make_job(tmp_path, tracking_uri, limits={"max_trials": 2})
+    with pytest.raises(Exception, match="no sweep of this config"):
+        run_sweep(job, resume=True, trial_fn=toy_trial, console=quiet())
+
+
+def test_a_sweep_without_any_model_exits_with_an_error(local_ray, tracking_uri, tmp_path):
+    job = make_job(
+        tmp_path,
+        tracking_uri,
+        sweep={"sampling_algorithm": "grid"},
+        limits={"max_trials": 2, "max_concurrent_trials": 2},
+        search_space=[{"seed": {"type": "choice", "values": [RAISES, DIVERGES]}}],
+    )
+    out = tmp_path / "out.json"
+    with pytest.raises(TrainingError, match="nothing was registered"):
+        run_sweep(job, output_json=out, trial_fn=toy_trial, console=quiet())
+    report = json.loads(out.read_text())
+    assert report["registered_model"] is None
+    assert {trial["state"] for trial in report["trials"]} == {"failed"}
+
+
+def test_waiting_for_more_nodes_than_the_cluster_has_times_out_clearly(local_ray):
+    with pytest.raises(compute.ComputeError, match=r"did not offer 2 node\(s\).*it has 1 node\(s\)"):
+        compute.wait_for_resources(min_nodes=2, min_gpus=0, timeout_s=0.5, address="local")
+
+
+def test_the_local_ray_listens_on_loopback_only(local_ray):
+    ours = _descendants(os.getpid())
+    listening = subprocess.run(["ss", "-H", "-ltnp"], capture_output=True, text=True, check=True).stdout
+    sockets = [line.split()[3] for line in listening.splitlines() if any(f"pid={pid}," in line for pid in ours)]
+    assert len(sockets) >= 3, listening  # GCS, raylet and the workers' gRPC servers at least
+    for address in sockets:
+        host = address.rsplit(":", 1)[0].strip("[]")
+        assert host in ("127.0.0.1", "::ffff:127.0.0.1"), (address, listening)
+
+
+def _descendants(root: int) -> set[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in found]
+        found.update(children)
+        frontier.extend(children)
+    return found

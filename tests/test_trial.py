@@ -1,0 +1,224 @@
+"""One trial end to end on a real embedded MLflow store: logged, read back, failed, resumed, via the CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from conftest import make_voc_dataset
+from mlflow import MlflowClient
+
+from visionautoml import cli
+from visionautoml.config import parse_config
+from visionautoml.data.convert import convert
+from visionautoml.models.saved import load_model
+from visionautoml.models.zoo import build_model
+from visionautoml.tracking import workspace
+from visionautoml.tracking.models import resolve_model
+from visionautoml.training.trial import flat_params, git_commit, run_trial
+
+SECRET = "s3cr3t-Tracking-Pa55"
+TINY = {
+    "model_name": "ssdlite320_mobilenet_v3_large",
+    "pretrained": "none",
+    "image_size": 64,
+    "number_of_epochs": 2,
+    "training_batch_size": 4,
+    "validation_batch_size": 4,
+    "number_of_workers": 0,
+    "optimizer": "adamw",
+    "learning_rate": 0.001,
+    "warmup_cosine_lr_warmup_epochs": 1,
+    "early_stopping": False,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Two intra-op threads on two cores shared with other test processes thrash (measured 100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Iterator[str]:
+    """One SQLite store for the module (creating one costs seconds of migrations); state restored after."""
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    mlflow.set_tracking_uri(previous)
+    workspace._connected_uri = None
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory) -> Path:
+    return make_voc_dataset(tmp_path_factory.mktemp("data") / "voc", n_images=8)
+
+
+def make_job(tmp_path: Path, store: str, data: Path, **params):
+    return parse_config(
+        {
+            "experiment_name": tmp_path.name[:50],
+            "workspace": str(tmp_path / "ws"),
+            "tracking": {"uri": store},
+            "training_data": str(data),
+            "training_parameters": {**TINY, **params},
+        }
+    )
+
+
+def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["visionautoml", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+def nan_weights(path: Path) -> Path:
+    params = parse_config({"training_parameters": TINY}).training_parameters
+    state = build_model(params.model_name, 3, params).state_dict()
+    torch.save(
+        {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}, path
+    )
+    return path
+
+
+def test_a_trial_logs_everything_to_mlflow_and_reads_back(store, voc, tmp_path, monkeypatch):
+    converted = tmp_path / "converted"
+    convert(voc, converted, "jsonl", validation_every=4)  # 6 training, 2 validation images
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ci-bot")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    job = make_job(tmp_path, store, converted)
+    job = job.model_copy(
+        update={"tracking": job.tracking.model_copy(update={"username": "ci-bot", "password": SECRET})}
+    )
+    reports = []
+
+    result = run_trial(job, reporter=lambda epoch, metrics: reports.append((epoch, metrics)), run_name="tiny")
+
+    assert result.status == "FINISHED", result.failure_reason
+    assert [epoch for epoch, _ in reports] == [1, 2]
+    assert all(isinstance(value, float) for _, metrics in reports for value in metrics.values())
+    assert {"loss", "lr", "map", "map_50", "mean_average_precision", "ap_red_square"} <= set(reports[0][1])
+
+    client = MlflowClient(store)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
+    assert run.data.params == flat_params(job.training_parameters)
+    tags = run.data.tags
+    assert tags["model_name"] == TINY["model_name"]
+    assert tags["dataset.validation.path"] == str(converted / "validation_annotations.jsonl")
+    assert tags["dataset.training"] == "sha256:" + tags["dataset.training.digest"][:16]
+    assert tags["config_fingerprint"] and tags.get("git_commit") == git_commit()
+    for name in ("loss", "loss_classification", "lr", "mean_average_precision", "map_50", "ap_blue_square"):
+        assert [m.step for m in client.get_metric_history(result.run_id, name)] == [1, 2], name
+    best = client.get_metric_history(result.run_id, "best_mean_average_precision")
+    assert [m.value for m in best] == [result.metrics["mean_average_precision"]]
+
+    artifacts = Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, dst_path=str(tmp_path / "a")))
+    metrics = json.loads((artifacts / "evaluation" / "metrics.json").read_text())
+    assert metrics["mean_average_precision"] == result.metrics["mean_average_precision"]
+    assert metrics["evaluation"]["images"] == 2
+    assert (artifacts / "evaluation" / "ground_truth.json").is_file()
+    assert (artifacts / "evaluation" / "plots" / "precision_recall.png").is_file()
+
+    _, spec = load_model(resolve_model(result.model_uri))
+    assert spec.labels == ["blue_square", "red_square"] and spec.image_size == 64
+    assert not any((Path(job.workspace) / "checkpoints").iterdir())
+
+    leaked = [key for key, value in {**run.data.params, **tags}.items() if SECRET in value]
+    leaked += [str(p) for p in artifacts.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaked
+
+
+def test_train_cli_writes_the_output_json_and_honours_mlflow_tracking_uri(
+    store, voc, tmp_path, monkeypatch, capsys
+):
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "workspace": str(tmp_path / "ws"),
+                "tracking": {"uri": f"sqlite:///{tmp_path / 'not-this.db'}"},
+                "training_parameters": {**TINY, "number_of_epochs": 1},
+            }
+        )
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    out = tmp_path / "out" / "result.json"
+    code, stdout, stderr = run_cli(
+        ["train", str(config), "--training-data", str(voc), "--experiment", "cli", "--output-json", str(out)],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 0, stderr
+    result = json.loads(out.read_text())
+    assert result["model_uri"] == f"runs:/{result['run_id']}/model" and result["run_id"] in stdout
+    assert {"map", "map_50", "map_75", "mean_average_precision", "precision", "recall", "per_class"} <= set(
+        result["metrics"]
+    )
+    assert not (tmp_path / "not-this.db").exists()
+    run = MlflowClient(store).get_run(result["run_id"])
+    assert mlflow.get_experiment(run.info.experiment_id).name == "cli"
+
+
+def test_a_failed_trial_is_recorded_and_the_cli_exits_1_with_the_reason(
+    store, voc, tmp_path, monkeypatch, capsys
+):
+    job = make_job(tmp_path, store, voc, pretrained=str(nan_weights(tmp_path / "nan.pt")))
+    result = run_trial(job)
+    assert result.status == "FAILED" and result.model_uri is None
+    assert "nan at epoch 1, iteration 1" in result.failure_reason and "learning_rate" in result.failure_reason
+    run = MlflowClient(store).get_run(result.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == result.failure_reason
+
+    missing = run_trial(make_job(tmp_path, store, tmp_path / "no-such-data"))
+    assert missing.status == "FAILED" and "no-such-data: no such file or folder" in missing.failure_reason
+
+    config = tmp_path / "nan.yaml"
+    config.write_text(yaml.safe_dump(job.model_dump(mode="json", exclude_defaults=True)))
+    code, _, stderr = run_cli(["train", str(config)], monkeypatch, capsys)
+    assert code == 1 and "error: the trial failed (MLflow run" in stderr and "iteration 1" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_bad_config_values_fail_before_any_work(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        yaml.safe_dump({"workspace": str(tmp_path / "ws"), "training_parameters": {"learning_rate": -1}})
+    )
+    code, _, stderr = run_cli(["train", str(config)], monkeypatch, capsys)
+    assert code == 1 and "training_parameters.learning_rate" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "ws").exists()
+
+
+def test_an_interrupted_trial_resumes_its_run_from_the_last_checkpoint(store, voc, tmp_path):
+    job = make_job(tmp_path, store, voc)
+
+    def interrupt_at_epoch_2(epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(job, reporter=interrupt_at_epoch_2)
+    client = MlflowClient(store)
+    (interrupted,) = client.search_runs([mlflow.get_experiment_by_name(job.experiment_name).experiment_id])
+    assert interrupted.info.status == "KILLED"
+    assert (Path(job.workspace) / "checkpoints").is_dir()
+
+    result = run_trial(job)
+    assert result.status == "FINISHED" and result.run_id == interrupted.info.run_id
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["epochs_completed"] == "2"
+    assert {m.step for m in client.get_metric_history(result.run_id, "mean_average_precision")} == {1, 2}
+    assert not any((Path(job.workspace) / "checkpoints").iterdir())

@@ -1,0 +1,331 @@
+"""Search spaces: the cloud service's YAML shape turned into what Ray Tune runs.
+
+A search space is a list of *conditional sub-spaces*: each entry holds the models and
+hyperparameters that make sense together (``ssdlite`` with its learning rates, the
+Faster R-CNNs with theirs). Every trial picks one sub-space first and then samples only
+that sub-space's parameters, so a parameter never applies to a model it was not meant
+for. How each sampling algorithm does that:
+
+- ``grid``: every combination of every sub-space's ``choice`` values, sub-space after
+  sub-space, capped at ``limits.max_trials``. Only ``choice`` is allowed: a continuous
+  distribution has no grid.
+- ``random``: each trial picks a sub-space uniformly at random, then draws each of its
+  parameters with Ray Tune's samplers. The draws are made up front with the sweep's
+  seed, so a sweep (and its ``--resume``) runs exactly the same trials.
+- ``bayesian``: Optuna's TPE chooses the sub-space as a categorical parameter and the
+  parameters of the chosen sub-space as conditional parameters (named ``<index>:<name>``,
+  because two sub-spaces may give one name different ranges), so it learns which
+  sub-space pays off as well as which values.
+
+``min_value``/``max_value`` are bounds of the value itself for every distribution,
+including ``loguniform`` (the issue's ``{type: loguniform, min_value: 0.0005,
+max_value: 0.01}`` means a learning rate between 0.0005 and 0.01); ``normal`` and
+``lognormal`` take ``mu``/``sigma`` (``lognormal`` is ``exp(normal(mu, sigma))``);
+``randint`` is an integer in ``[lower, upper)`` with ``lower`` defaulting to 0.
+
+Every trial's parameters travel to Tune as ``{"params": {...}}``: a plain dict of
+:class:`TrainingParameters` fields that overrides ``training_parameters``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from visionautoml.config import JobConfig, ParameterDistribution, TrainingParameters
+from visionautoml.errors import ConfigError
+
+SubSpace = dict[str, ParameterDistribution]
+
+# Light detectors a 2-core laptop can train in minutes, and the stronger ones worth a GPU.
+CPU_MODELS = ("ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn")
+GPU_MODELS = ("fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
+# Learning-rate ranges per model family: single-stage SSD heads want larger steps than R-CNNs.
+_LEARNING_RATES = {"ssdlite": (0.002, 0.05), "fasterrcnn": (0.002, 0.02), "retinanet": (0.001, 0.01)}
+_DEFAULT_LEARNING_RATE = (0.001, 0.02)
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """What the sweep will run: the sub-spaces, and for grid/random the trials' parameters."""
+
+    algorithm: str
+    subspaces: list[SubSpace]
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def searched_names(subspaces: list[SubSpace]) -> list[str]:
+    """The searched hyperparameters in first-seen order: the leaderboard's columns."""
+    names: dict[str, None] = {}
+    for subspace in subspaces:
+        names.update(dict.fromkeys(subspace))
+    return list(names)
+
+
+def effective_space(job: JobConfig, *, image_count: int, gpus: float) -> tuple[list[SubSpace], bool]:
+    """The job's search space, or the automatic one; the flag says which."""
+    if job.search_space:
+        return list(job.search_space), False
+    return automatic_space(image_count=image_count, gpus=gpus), True
+
+
+def automatic_space(
+    *, image_count: int, gpus: float, available_models: list[str] | None = None
+) -> list[SubSpace]:
+    """A sensible space when the user asked for several trials but gave no space.
+
+    On CPU only light models are worth trying (a ResNet-50 detector needs hours per epoch
+    there); with a GPU the stronger ones. Small datasets get small batches (more steps per
+    epoch) and a weight-decay search, since they overfit first.
+    """
+    models = list(GPU_MODELS if gpus > 0 else CPU_MODELS)
+    if available_models is not None:
+        models = [name for name in models if name in available_models] or [
+            name for name in CPU_MODELS if name in available_models
+        ]
+        if not models:
+            raise ConfigError(
+                "automatic search space: none of the models it picks from "
+                f"({', '.join(CPU_MODELS + GPU_MODELS)}) is in the model zoo; "
+                "give a search_space in the config (`visionautoml models zoo` lists the models)"
+            )
+    if gpus > 0:
+        batch_sizes = [4, 8] if image_count < 500 else [8, 16]
+    else:
+        batch_sizes = [2, 4] if image_count < 500 else [4, 8]
+    subspaces: list[SubSpace] = []
+    for family in dict.fromkeys(_family(name) for name in models):
+        low, high = _LEARNING_RATES.get(family, _DEFAULT_LEARNING_RATE)
+        subspace: SubSpace = {
+            "model_name": ParameterDistribution(
+                type="choice", values=[name for name in models if _family(name) == family]
+            ),
+            "learning_rate": ParameterDistribution(type="loguniform", min_value=low, max_value=high),
+            "training_batch_size": ParameterDistribution(type="choice", values=batch_sizes),
+        }
+        if image_count < 500:
+            subspace["weight_decay"] = ParameterDistribution(
+                type="loguniform", min_value=1e-5, max_value=1e-3
+            )
+        subspaces.append(subspace)
+    return subspaces
+
+
+def _family(model_name: str) -> str:
+    return model_name.split("_", 1)[0].rstrip("0123456789")
+
+
+def validate_space(
+    subspaces: list[SubSpace], fixed: TrainingParameters, available_models: list[str] | None = None
+) -> None:
+    """Fail before any trial starts on a name that is no hyperparameter or a value it cannot take.
+
+    Each choice value and each range end is checked against :class:`TrainingParameters`
+    with the fixed parameters around it, so ``optimizer: {values: [sgd, adan]}`` fails now,
+    not in trial 7 an hour from now.
+    """
+    problems: list[str] = []
+    known = set(TrainingParameters.model_fields)
+    base = fixed.model_dump()
+    for index, subspace in enumerate(subspaces):
+        if not subspace:
+            problems.append(f"search_space[{index}]: empty sub-space; give at least one parameter")
+        for name, distribution in subspace.items():
+            where = f"search_space[{index}].{name}"
+            if name not in known:
+                problems.append(f"{where}: not a training parameter (see `training_parameters` names)")
+                continue
+            for value in _probe_values(distribution):
+                try:
+                    TrainingParameters.model_validate({**base, name: value})
+                except ValidationError as error:
+                    problems.append(f"{where}: value {value!r} is invalid: {error.errors()[0]['msg']}")
+                    break
+            if name == "model_name" and available_models is not None and distribution.values:
+                unknown = [value for value in distribution.values if value not in available_models]
+                if unknown:
+                    problems.append(
+                        f"{where}: unknown model(s) {', '.join(map(str, unknown))}; "
+                        f"known: {', '.join(sorted(available_models))}"
+                    )
+    if problems:
+        raise ConfigError("invalid search space:\n  " + "\n  ".join(problems))
+
+
+def _probe_values(distribution: ParameterDistribution) -> list[Any]:
+    """Values that stand for the whole distribution when checking it: choices and range ends."""
+    if distribution.type == "choice":
+        return list(distribution.values or [])
+    if distribution.type in ("uniform", "loguniform", "quniform", "qloguniform"):
+        return [distribution.min_value, distribution.max_value]
+    if distribution.type == "randint":
+        return [distribution.lower or 0, distribution.upper - 1]
+    if distribution.type == "lognormal":
+        return [math.exp(distribution.mu)]
+    return [distribution.mu]
+
+
+def _check_distribution(distribution: ParameterDistribution, where: str) -> None:
+    kind = distribution.type
+    if kind in ("uniform", "loguniform", "quniform", "qloguniform") and not (
+        distribution.min_value < distribution.max_value
+    ):
+        raise ConfigError(f"{where}: min_value must be below max_value")
+    if kind in ("loguniform", "qloguniform") and distribution.min_value <= 0:
+        raise ConfigError(f"{where}: {kind} needs min_value > 0 (it samples the logarithm)")
+    if kind in ("quniform", "qloguniform") and distribution.q <= 0:
+        raise ConfigError(f"{where}: q must be positive")
+    if kind in ("normal", "lognormal") and distribution.sigma <= 0:
+        raise ConfigError(f"{where}: sigma must be positive")
+    if kind == "randint" and distribution.upper <= (distribution.lower or 0):
+        raise ConfigError(f"{where}: upper must be above lower (randint draws from [lower, upper))")
+
+
+def plan_search(subspaces: list[SubSpace], algorithm: str, max_trials: int, seed: int) -> SearchPlan:
+    """Turn sub-spaces into the trials grid/random will run (bayesian asks Optuna as it goes)."""
+    if not subspaces:
+        raise ConfigError("search_space is empty: give at least one sub-space, or remove it")
+    for index, subspace in enumerate(subspaces):
+        for name, distribution in subspace.items():
+            _check_distribution(distribution, f"search_space[{index}].{name}")
+    if algorithm == "grid":
+        return _plan_grid(subspaces, max_trials)
+    if algorithm == "random":
+        return SearchPlan("random", subspaces, sample_random(subspaces, max_trials, seed))
+    if algorithm == "bayesian":
+        _check_bayesian(subspaces)
+        return SearchPlan("bayesian", subspaces)
+    raise ConfigError(f"sweep.sampling_algorithm: unknown '{algorithm}'; use grid, random or bayesian")
+
+
+def _plan_grid(subspaces: list[SubSpace], max_trials: int) -> SearchPlan:
+    continuous = [
+        f"search_space[{index}].{name} ({distribution.type})"
+        for index, subspace in enumerate(subspaces)
+        for name, distribution in subspace.items()
+        if distribution.type != "choice"
+    ]
+    if continuous:
+        raise ConfigError(
+            "grid sampling needs every searched parameter to be a `choice`, but these are not: "
+            f"{', '.join(continuous)}. List the values to try with `type: choice`, or use "
+            "sweep.sampling_algorithm random or bayesian"
+        )
+    combinations = [
+        dict(zip(subspace, values, strict=True))
+        for subspace in subspaces
+        for values in itertools.product(*(distribution.values for distribution in subspace.values()))
+    ]
+    notes = []
+    if len(combinations) > max_trials:
+        notes.append(
+            f"the grid has {len(combinations)} combinations; limits.max_trials={max_trials} runs the first "
+            f"{max_trials} (raise max_trials to run them all)"
+        )
+    return SearchPlan("grid", subspaces, combinations[:max_trials], notes)
+
+
+def sample_random(subspaces: list[SubSpace], count: int, seed: int) -> list[dict[str, Any]]:
+    """``count`` trials: a sub-space drawn uniformly, then each of its parameters from Tune's samplers."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    trials = []
+    for _ in range(count):
+        subspace = subspaces[int(rng.integers(len(subspaces)))]
+        trials.append(_typed({name: _sample(distribution, rng) for name, distribution in subspace.items()}))
+    return trials
+
+
+def _typed(params: dict[str, Any]) -> dict[str, Any]:
+    """Give each value its field's type, so a quantised batch size of ``4.0`` is shown and logged as ``4``."""
+    typed = {}
+    for name, value in params.items():
+        try:
+            typed[name] = getattr(TrainingParameters.model_validate({name: value}), name)
+        except ValidationError:
+            typed[name] = value
+    return typed
+
+
+def _sample(distribution: ParameterDistribution, rng: Any) -> Any:
+    from ray import tune
+
+    kind = distribution.type
+    if kind == "choice":
+        return tune.choice(distribution.values).sample(random_state=rng)
+    if kind == "randint":
+        return int(tune.randint(distribution.lower or 0, distribution.upper).sample(random_state=rng))
+    if kind == "normal":
+        return float(tune.randn(distribution.mu, distribution.sigma).sample(random_state=rng))
+    if kind == "lognormal":
+        return float(math.exp(tune.randn(distribution.mu, distribution.sigma).sample(random_state=rng)))
+    low, high = distribution.min_value, distribution.max_value
+    domain = {
+        "uniform": lambda: tune.uniform(low, high),
+        "loguniform": lambda: tune.loguniform(low, high),
+        "quniform": lambda: tune.quniform(low, high, distribution.q),
+        "qloguniform": lambda: tune.qloguniform(low, high, distribution.q),
+    }[kind]()
+    return float(domain.sample(random_state=rng))
+
+
+def _check_bayesian(subspaces: list[SubSpace]) -> None:
+    for index, subspace in enumerate(subspaces):
+        for name, distribution in subspace.items():
+            if distribution.type == "choice" and not all(
+                value is None or isinstance(value, bool | int | float | str) for value in distribution.values
+            ):
+                raise ConfigError(
+                    f"search_space[{index}].{name}: bayesian sampling needs choice values that are "
+                    "numbers, strings, booleans or null"
+                )
+
+
+def optuna_define_by_run(subspaces: list[SubSpace]) -> Any:
+    """The define-by-run function OptunaSearch calls: sub-space first, then its parameters."""
+
+    def define(trial: Any) -> dict[str, Any]:
+        index = trial.suggest_categorical("subspace", list(range(len(subspaces))))
+        params = {
+            name: _suggest(trial, f"{index}:{name}", distribution)
+            for name, distribution in subspaces[index].items()
+        }
+        return {"params": _typed(params)}
+
+    return define
+
+
+def _suggest(trial: Any, name: str, distribution: ParameterDistribution) -> Any:
+    kind = distribution.type
+    if kind == "choice":
+        return trial.suggest_categorical(name, distribution.values)
+    if kind == "randint":
+        return trial.suggest_int(name, distribution.lower or 0, distribution.upper - 1)
+    if kind in ("normal", "lognormal"):
+        # TPE needs bounds; mu +- 3 sigma holds 99.7% of the mass.
+        low, high = distribution.mu - 3 * distribution.sigma, distribution.mu + 3 * distribution.sigma
+        value = trial.suggest_float(name, low, high)
+        return math.exp(value) if kind == "lognormal" else value
+    low, high = distribution.min_value, distribution.max_value
+    if kind == "uniform":
+        return trial.suggest_float(name, low, high)
+    if kind == "loguniform":
+        return trial.suggest_float(name, low, high, log=True)
+    value = trial.suggest_float(name, low, high, log=kind == "qloguniform")
+    return round(value / distribution.q) * distribution.q
+
+
+def trial_parameters(fixed: TrainingParameters, searched: dict[str, Any]) -> TrainingParameters:
+    """The parameters one trial trains with: the fixed ones, overridden by its searched values."""
+    try:
+        return TrainingParameters.model_validate({**fixed.model_dump(), **searched})
+    except ValidationError as error:
+        raise ConfigError(
+            f"trial parameters {searched} are invalid: {error.errors()[0]['msg']}; narrow the search_space"
+        ) from None

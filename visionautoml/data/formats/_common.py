@@ -1,0 +1,237 @@
+"""Helpers every format shares: box checks, file listing, image names, atomic multi-file output.
+
+Kept here so that each format module is only the mapping between its files and the
+canonical model, and so that every format reports the same problem the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Iterable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import NamedTuple
+
+from visionautoml.data.annotations import Box
+from visionautoml.data.problems import ProblemLog
+from visionautoml.errors import DataError
+from visionautoml.files import atomic_path
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+# Boxes computed from normalised coordinates can overshoot an edge by a rounding error;
+# within this many pixels they are put back on the edge instead of being reported.
+_EDGE_TOLERANCE = 1e-6
+
+
+def number(value: object) -> float | None:
+    """A finite number from JSON/XML/text, or None: booleans, NaN and infinities are not coordinates."""
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        try:
+            result = float(value)
+        except (ValueError, OverflowError):
+            return None
+        return result if math.isfinite(result) else None
+    return None
+
+
+def image_size(value: object) -> int | None:
+    """A positive whole number of pixels; the cloud service's JSONL also writes sizes as ``"400px"``."""
+    if isinstance(value, str):
+        value = value.strip().removesuffix("px")
+    result = number(value)
+    if result is None or result != int(result) or result < 0:
+        return None
+    return int(result)
+
+
+def crowd_flag(value: object) -> bool | None:
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        value = value.strip().lower()
+        return {"0": False, "1": True, "false": False, "true": True}.get(value)
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    return None
+
+
+def checked_box(
+    problems: ProblemLog,
+    file: object,
+    field: str,
+    coordinates: tuple[float, float, float, float],
+    label: str,
+    iscrowd: bool,
+    width: int,
+    height: int,
+    *,
+    line: int | None = None,
+) -> Box | None:
+    """The box if it has a positive area inside the image, else None with the problem recorded."""
+    xmin, ymin, xmax, ymax = coordinates
+    if not label:
+        problems.error(file, "the label is empty; give every box a class name", line=line, field=field)
+        return None
+    if xmax <= xmin or ymax <= ymin:
+        problems.error(
+            file,
+            f"box '{label}' ({_fmt(xmin)}, {_fmt(ymin)}, {_fmt(xmax)}, {_fmt(ymax)}) has zero or negative "
+            "area: the max corner must be right of and below the min corner; fix or delete the box",
+            line=line,
+            field=field,
+        )
+        return None
+    xmin, ymin = _snap(xmin, 0.0), _snap(ymin, 0.0)
+    xmax, ymax = _snap(xmax, float(width)), _snap(ymax, float(height))
+    if xmin < 0 or ymin < 0 or xmax > width or ymax > height:
+        problems.error(
+            file,
+            f"box '{label}' ({_fmt(xmin)}, {_fmt(ymin)}, {_fmt(xmax)}, {_fmt(ymax)}) lies outside the "
+            f"{width}x{height} image; fix the coordinates or the image size",
+            line=line,
+            field=field,
+        )
+        return None
+    return Box(xmin, ymin, xmax, ymax, label, iscrowd)
+
+
+def _snap(value: float, edge: float) -> float:
+    return edge if abs(value - edge) <= _EDGE_TOLERANCE else value
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:.6g}"
+
+
+def location(source: str) -> tuple[str, int | None]:
+    """(file, line) from an :class:`ImageRecord` source, which is ``file`` or ``file:line``."""
+    file, separator, line = source.rpartition(":")
+    return (file, int(line)) if separator and line.isdigit() else (source, None)
+
+
+def list_files(root: Path) -> list[str]:
+    """Every file under ``root`` as a relative POSIX path, sorted; hidden entries are skipped.
+
+    ``os.scandir`` rather than ``Path.rglob``: listing is on the hot path of converting
+    tens of thousands of files.
+    """
+    found: list[str] = []
+    pending = [("", str(root))]
+    while pending:
+        prefix, directory = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                pending.append((f"{prefix}{entry.name}/", entry.path))
+            else:
+                found.append(prefix + entry.name)
+    found.sort()
+    return found
+
+
+def is_image_name(name: str) -> bool:
+    return name[name.rfind(".") :].lower() in IMAGE_SUFFIXES
+
+
+def names_under_common_folder(paths: list[str]) -> list[str]:
+    """Image names for formats that point at images by arbitrary paths (JSONL, COCO).
+
+    Relative to the deepest folder holding all of them, so the same images get the same
+    names whether a JSONL refers to them as ``../data/images/a.jpg`` or by absolute path.
+    """
+    if not paths:
+        return []
+    root = os.path.commonpath([os.path.dirname(path) for path in paths])
+    cut = len(root) if root.endswith("/") else len(root) + 1
+    return [path[cut:] for path in paths]
+
+
+class RelativePaths:
+    """POSIX paths relative to one folder, computing ``relpath`` once per image folder (hot path)."""
+
+    def __init__(self, base: Path) -> None:
+        self._base = os.path.abspath(base)
+        self._folders: dict[str, str] = {}
+
+    def __call__(self, path: Path | str) -> str:
+        path = os.fspath(path)
+        folder, name = os.path.split(path if os.path.isabs(path) else os.path.abspath(path))
+        relative = self._folders.get(folder)
+        if relative is None:
+            relative = self._folders[folder] = os.path.relpath(folder, self._base).replace(os.sep, "/")
+        return name if relative == "." else f"{relative}/{name}"
+
+
+def unique_stems(names: Iterable[str], fmt: str) -> None:
+    """VOC and YOLO name annotation files after the image; two images must not share one."""
+    seen: dict[str, str] = {}
+    for name in names:
+        stem = os.path.splitext(name)[0]
+        if stem in seen:
+            raise DataError(
+                f"{fmt} names annotation files after images, and '{seen[stem]}' and '{name}' would share "
+                f"'{stem}': rename one of the images"
+            )
+        seen[stem] = name
+
+
+class Rendered(NamedTuple):
+    """A writer's output, not yet on disk: POSIX paths relative to the output folder."""
+
+    files: dict[str, bytes]
+    copies: dict[str, Path]
+
+    def under(self, folder: str) -> Rendered:
+        return Rendered(
+            {f"{folder}/{key}": value for key, value in self.files.items()},
+            {f"{folder}/{key}": value for key, value in self.copies.items()},
+        )
+
+
+def commit(out_dir: Path, *outputs: Rendered) -> list[Path]:
+    """Write all outputs at once: each top-level entry is staged beside ``out_dir`` and renamed last.
+
+    A failure leaves ``out_dir`` as it was. Top-level folders (``images/``,
+    ``annotations/`` ...) are replaced whole so no stale file from an earlier run remains;
+    anything else already in ``out_dir`` is left alone.
+    """
+    files = {key: value for output in outputs for key, value in output.files.items()}
+    copies = {key: value for output in outputs for key, value in output.copies.items()}
+    tops: dict[str, bool] = {}
+    for relative in [*files, *copies]:
+        top, separator, _ = relative.partition("/")
+        tops[top] = tops.get(top, False) or bool(separator)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with ExitStack() as stack:
+            staged = {
+                top: stack.enter_context(atomic_path(out_dir / top, directory=is_dir))
+                for top, is_dir in sorted(tops.items())
+            }
+            made: set[Path] = set()
+
+            def destination(relative: str) -> Path:
+                top, _, rest = relative.partition("/")
+                target = staged[top] / rest if rest else staged[top]
+                if target.parent not in made:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    made.add(target.parent)
+                return target
+
+            for relative, data in files.items():
+                destination(relative).write_bytes(data)
+            for relative, source in copies.items():
+                shutil.copyfile(source, destination(relative))
+    except OSError as error:
+        raise DataError(f"cannot write to {out_dir}: {error}; check the folder and its permissions") from None
+    return [out_dir / top for top in sorted(tops)]

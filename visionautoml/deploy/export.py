@@ -1,0 +1,425 @@
+"""ONNX export of a saved detector, checked against PyTorch before anyone serves it.
+
+torchvision detectors export with the legacy TorchScript-based exporter (``dynamo=False``,
+opset 17), which keeps the whole inference path in the graph: resizing, normalisation,
+box decoding, NMS and scaling the boxes back to the input size. The dynamo exporter fails
+on their ``batched_nms``. The graph takes one float CHW image in [0, 1] of any height and
+width; the runtime loops over a batch, as the PyTorch model does inside.
+
+The graph is exported with a low score threshold (:data:`GRAPH_SCORE_THRESHOLD`) and the
+model's own threshold is applied by the runtime from ``settings.json``. NMS is greedy by
+score, so every box above the model's threshold survives exactly as it would in PyTorch;
+meanwhile the parity check sees the model's top detections even on images where none
+would pass the real threshold, and a service can raise the threshold without a re-export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from visionautoml.deploy.runtime import (
+    LABELS_FILE,
+    ONNX_FILE,
+    PARITY_FILE,
+    SETTINGS_FILE,
+    ExportSettings,
+    make_session,
+    quiet_downloads,
+)
+from visionautoml.errors import DataError, VisionAutoMLError
+from visionautoml.files import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+GRAPH_SCORE_THRESHOLD = 0.01
+PARITY_TOLERANCE_PX = 0.01
+PARITY_TOP_K = 10
+PARITY_IMAGES = 4
+VALIDATION_PATH_TAG = "dataset.validation.path"
+# Scores of matching detections differ by float rounding only; a larger gap means another box.
+_SCORE_TOLERANCE = 1e-4
+
+
+class ExportError(VisionAutoMLError):
+    """The model cannot be exported, or its export does not predict what PyTorch predicts."""
+
+
+class _SingleImageDetector(nn.Module):
+    """Tensors in and out, as ONNX needs: one image in, the output dict's tensors in ``keys`` order."""
+
+    def __init__(self, detector: nn.Module, keys: Sequence[str]) -> None:
+        super().__init__()
+        self.detector = detector
+        self.keys = tuple(keys)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        output = self.detector([image])[0]
+        return tuple(output[key] for key in self.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class ParityReport:
+    """ONNX Runtime against PyTorch on the same images: the top detections must be the same boxes."""
+
+    images: int
+    compared: int
+    unmatched: int
+    max_box_diff_px: float
+    max_score_diff: float
+    count_differences: int
+    tolerance_px: float
+    sample_source: str
+
+    @property
+    def passed(self) -> bool:
+        return self.compared > 0 and self.unmatched == 0 and self.max_box_diff_px <= self.tolerance_px
+
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"parity {verdict}: {self.compared} top detections on {self.images} {self.sample_source} "
+            f"image(s), "
+            f"max box difference {self.max_box_diff_px:.2g} px (tolerance {self.tolerance_px:g}), "
+            f"max score difference {self.max_score_diff:.2g}, {self.unmatched} without a match"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    directory: Path
+    settings: ExportSettings
+    parity: ParityReport
+    recorded_on: list[str] = field(default_factory=list)
+
+
+def set_score_threshold(detector: nn.Module, threshold: float) -> None:
+    """torchvision keeps the threshold on the ROI heads (two-stage) or on the detector (one-stage)."""
+    owner = getattr(detector, "roi_heads", detector)
+    if not hasattr(owner, "score_thresh"):
+        raise ExportError(f"{type(detector).__name__} is not a torchvision detector (no score_thresh)")
+    owner.score_thresh = threshold
+
+
+def score_threshold(detector: nn.Module) -> float:
+    return float(getattr(detector, "roi_heads", detector).score_thresh)
+
+
+def export_detector(detector: nn.Module, path: Path, sample: torch.Tensor, *, model_name: str) -> list[str]:
+    """Write the ONNX graph of ``detector`` to ``path``; returns its output names (the dict's keys)."""
+    detector.eval()
+    with torch.no_grad():
+        keys = list(detector([sample])[0].keys())
+    wrapper = _SingleImageDetector(detector, keys).eval()
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), _quiet_exporter(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper,
+                (sample,),
+                buffer,
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["image"],
+                output_names=keys,
+                dynamic_axes={"image": {1: "height", 2: "width"}, **{key: {0: "detections"} for key in keys}},
+                do_constant_folding=True,
+            )
+    except Exception as error:
+        raise ExportError(
+            f"{model_name} does not export to ONNX ({type(error).__name__}: {_first_line(error)}). "
+            "Serve or predict with PyTorch instead: `visionautoml serve MODEL` uses PyTorch when no "
+            "export exists"
+        ) from None
+    path.write_bytes(buffer.getvalue())
+    return keys
+
+
+def check_parity(
+    detector: nn.Module,
+    session: Any,
+    output_names: Sequence[str],
+    images: Sequence[torch.Tensor],
+    *,
+    sample_source: str,
+    top_k: int = PARITY_TOP_K,
+    tolerance_px: float = PARITY_TOLERANCE_PX,
+) -> ParityReport:
+    """Match each of PyTorch's top ``top_k`` detections to an ONNX one with the same label and score.
+
+    Detections are matched, not compared by rank: detections with equal scores may come
+    out in either order.
+    """
+    compared = unmatched = count_differences = 0
+    max_box = max_score = 0.0
+    detector.eval()
+    for image in images:
+        pixels = image.float() / 255.0
+        with torch.no_grad():
+            expected = {key: value.numpy() for key, value in detector([pixels])[0].items()}
+        actual = dict(zip(output_names, session.run(None, {"image": pixels.numpy()}), strict=True))
+        count_differences += int(len(expected["scores"]) != len(actual["scores"]))
+        for index in np.argsort(-expected["scores"], kind="stable")[:top_k]:
+            compared += 1
+            candidates = np.flatnonzero(
+                (actual["labels"] == expected["labels"][index])
+                & (np.abs(actual["scores"] - expected["scores"][index]) <= _SCORE_TOLERANCE)
+            )
+            if candidates.size == 0:
+                unmatched += 1
+                continue
+            box_diffs = np.abs(actual["boxes"][candidates] - expected["boxes"][index]).max(axis=1)
+            best = candidates[int(np.argmin(box_diffs))]
+            max_box = max(max_box, float(box_diffs.min()))
+            max_score = max(max_score, float(abs(actual["scores"][best] - expected["scores"][index])))
+    return ParityReport(
+        images=len(images),
+        compared=compared,
+        unmatched=unmatched,
+        max_box_diff_px=max_box,
+        max_score_diff=max_score,
+        count_differences=count_differences,
+        tolerance_px=tolerance_px,
+        sample_source=sample_source,
+    )
+
+
+def export_saved_model(
+    detector: nn.Module,
+    settings: ExportSettings,
+    out_dir: str | Path,
+    images: Sequence[torch.Tensor],
+    *,
+    sample_source: str,
+    tolerance_px: float = PARITY_TOLERANCE_PX,
+) -> ExportResult:
+    """Export, check parity and write the export folder; nothing is written unless parity passes.
+
+    ``settings`` carry the model's own thresholds; the graph gets the lower
+    :data:`GRAPH_SCORE_THRESHOLD` (see the module docstring). ``detector`` is left as it was.
+    """
+    if not images:
+        raise DataError("the parity check needs at least one sample image")
+    out_dir = Path(out_dir)
+    original_threshold = score_threshold(detector)
+    set_score_threshold(detector, min(GRAPH_SCORE_THRESHOLD, settings.box_score_threshold))
+    try:
+        with atomic_path(out_dir, directory=True) as folder:
+            sample = images[0].float() / 255.0
+            outputs = export_detector(detector, folder / ONNX_FILE, sample, model_name=settings.model_name)
+            settings = settings.with_graph(
+                outputs=outputs, opset=OPSET, graph_score_threshold=score_threshold(detector)
+            )
+            session = make_session(folder / ONNX_FILE)
+            parity = check_parity(
+                detector, session, outputs, images, sample_source=sample_source, tolerance_px=tolerance_px
+            )
+            atomic_write_text(folder / PARITY_FILE, json.dumps(parity.to_dict(), indent=2) + "\n")
+            if parity.compared == 0:
+                raise ExportError(
+                    f"{settings.model_name}: no detections on the {len(images)} sample image(s), so the "
+                    "export could not be checked; pass images that show the objects (--images)"
+                )
+            if not parity.passed:
+                raise ExportError(
+                    f"{settings.model_name}: the ONNX export does not match PyTorch, so it was not written "
+                    f"to {out_dir}: {parity.summary()}. Serve the model with PyTorch, and report the model "
+                    "and torch version"
+                )
+            atomic_write_text(folder / LABELS_FILE, json.dumps(settings.labels, indent=2) + "\n")
+            atomic_write_text(folder / SETTINGS_FILE, settings.to_json())
+            folder.chmod(0o755)
+    finally:
+        set_score_threshold(detector, original_threshold)
+    log.info("exported %s to %s: %s", settings.model_name, out_dir, parity.summary())
+    return ExportResult(out_dir, settings, parity)
+
+
+def export_model(
+    model: str,
+    out_dir: str | Path,
+    *,
+    images: Sequence[str | Path] = (),
+    attach: bool = False,
+    tolerance_px: float = PARITY_TOLERANCE_PX,
+) -> ExportResult:
+    """Export ``model`` (a registry or run URI, or a saved-model folder) and check it against PyTorch.
+
+    Parity runs on ``images``, else on the model's validation images when its run
+    recorded where they are, else on synthetic images. For a tracked model the result is
+    recorded as tags on the logged model and the registry version; ``attach`` also
+    uploads the export into the model's artifacts, where serving and prediction find it.
+    """
+    from visionautoml.models.saved import load_model
+    from visionautoml.tracking.models import resolve_model
+
+    quiet_downloads()
+    if _is_tracked(model):
+        import mlflow
+
+        from visionautoml.tracking.workspace import current_tracking_uri
+
+        mlflow.set_tracking_uri(current_tracking_uri())
+    detector, spec = load_model(resolve_model(model))
+    samples, sample_source = sample_images(model, images)
+    result = export_saved_model(
+        detector,
+        ExportSettings.from_spec(spec),
+        out_dir,
+        samples,
+        sample_source=sample_source,
+        tolerance_px=tolerance_px,
+    )
+    if _is_tracked(model):
+        result.recorded_on.extend(_record(model, result, attach=attach))
+    elif attach:
+        raise ExportError(f"{model}: --attach needs a tracked model (runs:/ or models:/ URI), not a folder")
+    return result
+
+
+def sample_images(model: str, images: Sequence[str | Path] = ()) -> tuple[list[torch.Tensor], str]:
+    """Up to :data:`PARITY_IMAGES` decoded parity images and where they came from."""
+    from visionautoml.deploy.predict import collect_images
+    from visionautoml.models.imageio import decode_image_file
+
+    if images:
+        paths = [path for _, path in collect_images(images)][:PARITY_IMAGES]
+        return [decode_image_file(path) for path in paths], "given"
+    dataset_images = _validation_images(model) if _is_tracked(model) else []
+    decoded = []
+    for path in dataset_images[:PARITY_IMAGES]:
+        with contextlib.suppress(DataError):
+            decoded.append(decode_image_file(path))
+    if decoded:
+        return decoded, "validation"
+    return synthetic_images(), "synthetic"
+
+
+def synthetic_images() -> list[torch.Tensor]:
+    """Noise at three sizes and both orientations: textured, so no two detections tie on score."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(240, 320), (320, 240), (375, 500)]
+    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in sizes]
+
+
+def _is_tracked(model: str) -> bool:
+    return model.startswith(("runs:/", "models:/"))
+
+
+def _validation_images(model: str) -> list[Path]:
+    """Images of the dataset the model's run validated on (its ``dataset.validation.path`` tag)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from visionautoml.data.formats import read_dataset
+    from visionautoml.tracking.workspace import current_tracking_uri
+
+    try:
+        run_id = mlflow.models.get_model_info(model).run_id
+        tags = mlflow.MlflowClient(current_tracking_uri()).get_run(run_id).data.tags if run_id else {}
+    except (MlflowException, OSError):
+        return []
+    recorded = tags.get(VALIDATION_PATH_TAG, "")
+    # A split-off validation set is recorded as "PATH (validation_data_size F)": its images are in PATH.
+    path = Path(recorded.split(" (validation_data_size", 1)[0])
+    if not recorded or not path.exists():
+        return []
+    try:
+        dataset = read_dataset(path).sorted()
+    except DataError:
+        return []
+    return [image.path for image in dataset.images if image.boxes]
+
+
+def _record(model: str, result: ExportResult, *, attach: bool) -> list[str]:
+    """Tag the logged model and the registry version with the parity result; optionally upload the export."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from visionautoml.deploy.runtime import EXPORT_SUBDIR, registry_version
+    from visionautoml.errors import TrackingError
+    from visionautoml.models.pyfunc import ARTIFACT_KEY
+    from visionautoml.tracking.workspace import current_tracking_uri
+
+    parity = result.parity
+    tags = {
+        "onnx.parity": "passed" if parity.passed else "failed",
+        "onnx.parity.max_box_diff_px": f"{parity.max_box_diff_px:.6g}",
+        "onnx.parity.compared": str(parity.compared),
+        "onnx.parity.images": f"{parity.images} {parity.sample_source}",
+        "onnx.opset": str(result.settings.opset),
+    }
+    client = mlflow.MlflowClient(current_tracking_uri())
+    recorded = []
+    try:
+        info = mlflow.models.get_model_info(model)
+        if info.model_id:
+            client.set_logged_model_tags(info.model_id, tags)
+            recorded.append(f"logged model {info.model_id}")
+        registered = registry_version(model)
+        if registered is not None:
+            for key, value in tags.items():
+                client.set_model_version_tag(registered[0], registered[1], key, value)
+            recorded.append(f"model {registered[0]} version {registered[1]}")
+        if attach:
+            saved = (info.flavors.get("python_function", {}).get("artifacts") or {}).get(ARTIFACT_KEY, {})
+            if not info.model_id or "path" not in saved:
+                raise ExportError(
+                    f"{model}: not a visionautoml pyfunc model, so the export cannot be attached"
+                )
+            client.log_model_artifacts(
+                info.model_id, str(result.directory), f"{saved['path']}/{EXPORT_SUBDIR}"
+            )
+            recorded.append(f"attached to {info.model_id} as {saved['path']}/{EXPORT_SUBDIR}")
+    except MlflowException as error:
+        raise TrackingError(
+            f"{model}: exported to {result.directory}, but recording it in MLflow failed: "
+            f"{_first_line(error)}"
+        ) from None
+    return recorded
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the legacy exporter: its log chatter, and the whole TorchScript graph it prints from C++
+    when an operator fails (the ExportError says what failed instead).
+    """
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    try:
+        with open(os.devnull, "w") as devnull:
+            for fd in saved:
+                os.dup2(devnull.fileno(), fd)
+        yield
+    finally:
+        for fd, original in saved.items():
+            os.dup2(original, fd)
+            os.close(original)
+        logger.setLevel(level)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__

@@ -1,0 +1,104 @@
+"""Where runs are tracked: the workspace's embedded MLflow store unless the user points elsewhere.
+
+The default needs no server: a SQLite database and a local artifact folder inside the
+workspace, so a laptop run is tracked with nothing to set up. ``MLFLOW_TRACKING_URI``
+wins over the config, as every MLflow user expects, so the same config can log to a team
+server in CI without being edited.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from visionautoml.config import JobConfig
+from visionautoml.errors import TrackingError
+from visionautoml.tracking.auth import apply_credentials, scrub_credentials, server_name
+
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+
+# Chatty loggers of the embedded store: schema migrations on first use, one line per table.
+_QUIET_LOGGERS = ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.models.model")
+
+_connected_uri: str | None = None
+
+
+def workspace_dir(job: JobConfig) -> Path:
+    return Path(job.workspace).expanduser().resolve()
+
+
+def resolve_tracking_uri(job: JobConfig) -> str:
+    """``MLFLOW_TRACKING_URI`` > ``job.tracking.uri`` > ``sqlite:///<workspace>/mlflow.db``."""
+    uri = os.environ.get(ENV_TRACKING_URI) or job.tracking.uri
+    if uri:
+        return uri
+    return f"sqlite:///{workspace_dir(job) / 'mlflow.db'}"
+
+
+def is_local_store(uri: str) -> bool:
+    """True for stores whose artifacts this machine writes itself (SQLite, file, a bare path)."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def connect(job: JobConfig, experiment_name: str | None = None) -> str:
+    """Point MLflow at the job's store, create or reuse the experiment, and return its id.
+
+    Experiments created here on a local store keep their artifacts in ``<workspace>/artifacts``
+    (next to the database, so a workspace folder is the whole history); on a server the
+    server's own artifact root applies.
+    """
+    global _connected_uri
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    apply_credentials(job)
+
+    uri = resolve_tracking_uri(job)
+    workspace = workspace_dir(job)
+    if is_local_store(uri):
+        workspace.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    _connected_uri = uri
+
+    name = experiment_name or job.experiment_name
+    try:
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            artifacts = (workspace / "artifacts").as_uri() if is_local_store(uri) else None
+            try:
+                experiment_id = mlflow.create_experiment(name, artifact_location=artifacts)
+            except MlflowException:
+                # Another trial of the same sweep may have created it a moment ago.
+                experiment = mlflow.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+                experiment_id = experiment.experiment_id
+        elif experiment.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"experiment '{name}' at {server_name(uri)} is deleted: restore it "
+                f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) "
+                "or set another experiment_name"
+            )
+        else:
+            experiment_id = experiment.experiment_id
+        mlflow.set_experiment(experiment_id=experiment_id)
+    except MlflowException as error:
+        raise TrackingError(
+            f"cannot use the MLflow tracking store {server_name(uri)} (experiment '{name}'): "
+            f"{scrub_credentials(_first_line(error.message))}. Check the URI (config tracking.uri or "
+            "MLFLOW_TRACKING_URI) and the server's credentials"
+        ) from None
+    return experiment_id
+
+
+def current_tracking_uri() -> str:
+    """The store :func:`connect` chose in this process, else the default job's (env or workspace)."""
+    return _connected_uri or resolve_tracking_uri(JobConfig())
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "unknown error"

@@ -1,0 +1,192 @@
+"""The input pipeline: canonical datasets to the image tensors and targets torchvision detectors take.
+
+Training samples are pre-resized to the scale the model would resize them to anyway, so
+decoding, augmenting and the model's own resize work on small images, and small datasets
+are decoded once and kept in memory. Validation samples keep their original size: the
+model resizes internally and maps boxes back, so detections and ground truth share the
+image's own pixel coordinates, exactly as at prediction time.
+
+Augmentation (``apply_automl_train_augmentations``) is box-aware (torchvision
+``transforms.v2`` on ``tv_tensors.BoundingBoxes``): horizontal flip, scale jitter with
+translation (an affine that keeps the frame, so the model's resize does not undo it) and
+photometric jitter; boxes that leave the image or become degenerate are dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from visionautoml.config import TrainingParameters
+from visionautoml.data.annotations import Dataset, ImageRecord
+from visionautoml.errors import DataError
+from visionautoml.models.imageio import decode_image_file
+from visionautoml.models.zoo import InputSize, get_entry
+
+CACHE_BYTES = 1 << 30
+"""Decoded images are kept in memory when they fit in 1 GiB (e.g. 200 images of 1333x800)."""
+
+Target = dict[str, torch.Tensor]
+
+
+def default_workers() -> int:
+    """Loader processes: half the CPUs this process may use (the model needs the rest), at most 4."""
+    return min(4, len(os.sched_getaffinity(0)) // 2)
+
+
+def train_augmentations() -> v2.Transform:
+    fill = {tv_tensors.Image: 114, "others": 0}
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomApply(
+                [v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.75, 1.25), fill=fill)], p=0.5
+            ),
+            v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)], p=0.5),
+        ]
+    )
+
+
+class DetectionDataset(TorchDataset):
+    """Samples ``(float CHW image in [0, 1], target)`` for training (``train=True``) or evaluation.
+
+    Targets hold ``boxes`` (float xyxy pixels), ``labels`` (int64, class index + 1),
+    ``iscrowd``, ``area`` and ``image_id`` (the index into ``records``). Crowd boxes are
+    kept for evaluation (metrics ignore them, COCO style) and dropped for training.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        train: bool,
+        input_size: InputSize | None = None,
+        augment: bool = False,
+    ) -> None:
+        self.records: list[ImageRecord] = list(dataset.images)
+        self.classes = list(dataset.classes)
+        self.train = train
+        self.input_size = input_size if train else None
+        self.transforms = train_augmentations() if train and augment else None
+        self.sanitize = v2.SanitizeBoundingBoxes(min_size=1, min_area=1)
+        self._class_ids = {name: index + 1 for index, name in enumerate(self.classes)}
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def decoded_bytes(self) -> int:
+        """Memory the decoded (and, for training, pre-resized) images of the whole dataset take."""
+        return sum(3 * w * h for w, h in (self._stored_size(record) for record in self.records))
+
+    def preload(self) -> None:
+        """Decode every image once, in this process, so loader workers forked later share them."""
+        for index in range(len(self.records)):
+            self._cache[index] = self._image(index)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        record = self.records[index]
+        image = self._cache.get(index)
+        if image is None:
+            image = self._image(index)
+        boxes = [box for box in record.boxes if not (self.train and box.iscrowd)]
+        coordinates = torch.tensor([[b.xmin, b.ymin, b.xmax, b.ymax] for b in boxes], dtype=torch.float32)
+        target: dict[str, Any] = {
+            "boxes": tv_tensors.BoundingBoxes(
+                coordinates.reshape(-1, 4), format="XYXY", canvas_size=(record.height, record.width)
+            ),
+            "labels": torch.tensor([self._label(record, b.label) for b in boxes], dtype=torch.int64),
+        }
+        if self.train:
+            target["boxes"] = F.resize(target["boxes"], list(image.shape[1:]))
+            image = tv_tensors.Image(image)
+            if self.transforms is not None:
+                image, target = self.transforms(image, target)
+            image, target = self.sanitize(v2.ClampBoundingBoxes()(image, target))
+            iscrowd = torch.zeros(len(target["labels"]), dtype=torch.int64)
+        else:
+            iscrowd = torch.tensor([int(b.iscrowd) for b in boxes], dtype=torch.int64)
+        boxes_tensor = target["boxes"].as_subclass(torch.Tensor)
+        return F.to_dtype(image.as_subclass(torch.Tensor), torch.float32, scale=True), {
+            "boxes": boxes_tensor,
+            "labels": target["labels"],
+            "iscrowd": iscrowd,
+            "area": (boxes_tensor[:, 2] - boxes_tensor[:, 0]) * (boxes_tensor[:, 3] - boxes_tensor[:, 1]),
+            "image_id": torch.tensor(index, dtype=torch.int64),
+        }
+
+    def _stored_size(self, record: ImageRecord) -> tuple[int, int]:
+        if self.input_size is None:
+            return record.width, record.height
+        return self.input_size.scaled(record.width, record.height)
+
+    def _image(self, index: int) -> torch.Tensor:
+        """The uint8 image as stored for this dataset: original size, or the model's scale for training."""
+        record = self.records[index]
+        image = decode_image_file(record.path)
+        if tuple(image.shape[1:]) != (record.height, record.width):
+            raise DataError(
+                f"{record.source or record.path}: the annotation says {record.width}x{record.height} "
+                f"pixels but {record.path} is {image.shape[2]}x{image.shape[1]} (after EXIF orientation); "
+                "fix the size in the annotation or run `visionautoml data validate` on the dataset"
+            )
+        if self.input_size is not None:
+            width, height = self.input_size.scaled(record.width, record.height)
+            image = F.resize(image, [height, width], antialias=True)
+        return image
+
+    def _label(self, record: ImageRecord, label: str) -> int:
+        try:
+            return self._class_ids[label]
+        except KeyError:
+            raise DataError(
+                f"{record.source or record.path}: label '{label}' is not one of the dataset's classes "
+                f"{self.classes}; fix the annotation or the class list"
+            ) from None
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:
+    """Detection batches are lists: images differ in size and targets in box count."""
+    return [image for image, _ in batch], [target for _, target in batch]
+
+
+def make_data_loader(
+    dataset: Dataset,
+    params: TrainingParameters,
+    *,
+    train: bool,
+    cache_bytes: int = CACHE_BYTES,
+) -> DataLoader:
+    """A loader for training (shuffled, pre-resized, augmented if enabled) or for evaluation.
+
+    Images are decoded up front when they fit in ``cache_bytes``; ``params.number_of_workers``
+    processes (default :func:`default_workers`) then only augment.
+    """
+    samples = DetectionDataset(
+        dataset,
+        train=train,
+        input_size=get_entry(params.model_name).input_size(params),
+        augment=params.apply_automl_train_augmentations,
+    )
+    if samples.decoded_bytes() <= cache_bytes:
+        samples.preload()
+    workers = default_workers() if params.number_of_workers is None else params.number_of_workers
+    generator = torch.Generator().manual_seed(params.seed)
+    return DataLoader(
+        samples,
+        batch_size=params.training_batch_size if train else params.validation_batch_size,
+        shuffle=train,
+        num_workers=workers,
+        collate_fn=collate,
+        generator=generator,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
