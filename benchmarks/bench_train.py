@@ -267,7 +267,14 @@ def main() -> None:
         "--epochs", type=int, help="throughput: epochs per run (2); quality: override the example's"
     )
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's); 1 on a machine shared with others",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     quality(args) if args.quality else throughput(args)
 
 

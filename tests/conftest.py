@@ -98,7 +98,7 @@ def deploy_model(tmp_path_factory: pytest.TempPathFactory) -> DeployModel:
     from visionautoml.models.zoo import build_model
 
     root = tmp_path_factory.mktemp("deploy")
-    data = make_voc_dataset(root / "data", n_images=6, size=(96, 72))
+    data = make_voc_dataset(root / "data", n_images=4, size=(96, 72))
     noise = np.random.default_rng(0)
     images, targets, classes = [], [], ["blue_square", "red_square"]
     for xml in sorted((data / "annotations").glob("*.xml")):
@@ -115,7 +115,7 @@ def deploy_model(tmp_path_factory: pytest.TempPathFactory) -> DeployModel:
     params = TrainingParameters(
         model_name="ssdlite320_mobilenet_v3_large",
         pretrained="none",
-        image_size=128,
+        image_size=64,
         box_score_threshold=0.05,
     )
     torch.manual_seed(0)

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from visionautoml.config import load_config
+
 ROOT = Path(__file__).resolve().parent.parent
 GITHUB_WORKFLOW = ROOT / ".github" / "workflows" / "train.yml"
 AZURE_PIPELINE = ROOT / "azure-pipelines.yml"
@@ -92,3 +94,18 @@ def test_azure_pipeline_runs_manually_and_on_schedule_and_maps_secrets_through_e
     published = [step for step in steps if step.get("task", "").startswith("PublishPipelineArtifact")]
     summary = [step for step in steps if "task.uploadsummary" in step.get("bash", "")]
     assert published[0]["condition"] == "always()" and summary[0]["condition"] == "always()"
+
+
+def test_the_templates_run_an_existing_command_on_the_example_config():
+    job = load_config(ROOT / "examples" / "raccoon.yaml")
+    help_text = subprocess.run(
+        [str(Path(sys.executable).parent / "visionautoml"), "pipeline", "run", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert job.register.model_name == "raccoon-detector"
+    assert job.pipeline.data.endswith("/odFridgeObjects.zip")  # the original flow's public data
+    assert help_text.returncode == 0
+    assert "--output-json" in help_text.stdout and "--data" in help_text.stdout

@@ -29,6 +29,15 @@ LITE = "ssdlite320_mobilenet_v3_large"
 
 
 @pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared, busy CPU two threads spin-wait for each other (3-5x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def torch_home(tmp_path, monkeypatch):
     """An empty torch cache, and no downloads unless a test allows them."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -466,6 +466,9 @@ def train(
         "--output-json",
         help="Write run_id, model_uri and the best evaluation's metrics here (atomically).",
     ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Sweeps: continue this config's interrupted sweep (finished trials are kept)."
+    ),
 ) -> None:
     """Train a detector: one trial, or a sweep when the config has a search_space or limits.max_trials > 1.
 
@@ -496,7 +499,7 @@ def train(
     if job.search_space or job.limits.max_trials > 1:
         from visionautoml.automl.sweep import run_sweep
 
-        run_sweep(job, output_json=output_json, console=err_console)
+        run_sweep(job, resume=resume, output_json=output_json, console=err_console)
         return
 
     from visionautoml.training.trial import run_trial, summary_line, write_result
@@ -567,6 +570,116 @@ def evaluate(
 
 
 # --- models list/show/promote, sweep (owner: automl) ------------------------------------------
+
+_STORE_CONFIG_OPTION = typer.Option(
+    None, "--config", "-c", help="Job YAML whose tracking store to use (its tracking.uri or workspace)."
+)
+_STORE_WORKSPACE_OPTION = typer.Option(
+    None, "--workspace", help="Workspace whose SQLite store to use (default: the config's, or .visionautoml)."
+)
+
+
+def _use_model_store(config: Path | None, workspace: str | None) -> str | None:
+    """MLFLOW_TRACKING_URI > the config's tracking.uri > the workspace's SQLite store; None if absent."""
+    from visionautoml.config import JobConfig, load_config
+    from visionautoml.tracking.registry import use_store
+
+    job = load_config(config) if config else JobConfig()
+    if workspace:
+        job = job.model_copy(update={"workspace": workspace})
+    return use_store(job)
+
+
+@models_app.command("list")
+def models_list(
+    config: Path | None = _STORE_CONFIG_OPTION, workspace: str | None = _STORE_WORKSPACE_OPTION
+) -> None:
+    """List registered models: latest version and where each alias points.
+
+    Examples:
+
+    * `visionautoml models list`
+    * `visionautoml models list --config examples/raccoon-sweep.yaml`
+    * `MLFLOW_TRACKING_URI=http://127.0.0.1:5000 visionautoml models list`
+    """
+    from rich.table import Table
+
+    from visionautoml.tracking.registry import list_models
+
+    models = list_models() if _use_model_store(config, workspace) else []
+    if not models:
+        console.print("no registered models yet; `visionautoml train` a sweep config to register one.")
+        return
+    table = Table("model", "latest version", "aliases", "description")
+    for model in models:
+        aliases = ", ".join(f"{alias} -> v{version}" for alias, version in sorted(model.aliases.items()))
+        table.add_row(model.name, str(model.latest_version or "-"), aliases, model.description)
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(
+    name: str = typer.Argument(..., help="Registered model name (see `visionautoml models list`)."),
+    config: Path | None = _STORE_CONFIG_OPTION,
+    workspace: str | None = _STORE_WORKSPACE_OPTION,
+) -> None:
+    """Show every version of a registered model: aliases, primary metric, datasets, run.
+
+    Examples:
+
+    * `visionautoml models show raccoon-detector`
+    * `visionautoml models show raccoon-detector --config examples/raccoon-sweep.yaml`
+    """
+    from rich.table import Table
+
+    from visionautoml.errors import TrackingError
+    from visionautoml.tracking.registry import PRIMARY_METRIC, VALIDATION_DATASET_TAG, list_versions
+
+    if not _use_model_store(config, workspace):
+        raise TrackingError(f"no registered model named '{name}': the tracking store does not exist yet")
+    table = Table("version", "aliases", PRIMARY_METRIC, "validation dataset", "model_name", "run", title=name)
+    for version in list_versions(name):
+        metric = version.metric()
+        table.add_row(
+            str(version.version),
+            ", ".join(version.aliases),
+            f"{metric:.4f}" if metric is not None else "-",
+            version.tags.get(VALIDATION_DATASET_TAG, "-"),
+            version.tags.get("model_name", "-"),
+            version.run_id or "-",
+        )
+    console.print(table)
+
+
+@models_app.command("promote")
+def models_promote(
+    name: str = typer.Argument(..., help="Registered model name."),
+    version: int = typer.Argument(..., min=1, help="The version to point the alias at."),
+    alias: str = typer.Option(
+        "champion", "--alias", "-a", help="The alias to move (champion, candidate ...)."
+    ),
+    config: Path | None = _STORE_CONFIG_OPTION,
+    workspace: str | None = _STORE_WORKSPACE_OPTION,
+) -> None:
+    """Point an alias at a version by hand (a sweep's `promote_if_better` does it on evidence).
+
+    Serving `models:/NAME@ALIAS` picks up the new version on its next load.
+
+    Examples:
+
+    * `visionautoml models promote raccoon-detector 3 --alias champion`
+    * `visionautoml models promote raccoon-detector 2 --alias champion` (roll back)
+    """
+    from visionautoml.errors import TrackingError
+    from visionautoml.tracking.registry import set_alias
+
+    if not _use_model_store(config, workspace):
+        raise TrackingError(f"no registered model named '{name}': the tracking store does not exist yet")
+    info = set_alias(name, version, alias)
+    console.print(
+        f"{name}: alias '{alias}' -> version {info.version} (aliases now: {', '.join(info.aliases)})"
+    )
+
 
 # --- export, predict, serve (owner: deploy) ----------------------------------------------------
 
@@ -926,6 +1039,52 @@ def runs_wait(
 
 
 # --- report (owner: reports) ------------------------------------------------------------------
+
+
+@app.command("report")
+def report(
+    run_id: str = typer.Argument(..., help="MLflow run id of a sweep's parent run, or of a single trial."),
+    out: Path = typer.Option(..., "--out", "-o", help="HTML file to write (one self-contained file)."),
+    workspace: Path = typer.Option(
+        Path(".visionautoml"), "--workspace", "-w", help="Workspace whose SQLite MLflow store holds the run."
+    ),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", help="MLflow store to read instead (overrides MLFLOW_TRACKING_URI too)."
+    ),
+) -> None:
+    """Write the HTML report of a sweep or a trial, from the tracking store alone.
+
+    A sweep's report has its leaderboard, the metric curves of every trial on one chart,
+    hyperparameters against the primary metric, which trials early termination stopped and
+    when, the best model's diagnostic plots (drawn predictions, precision-recall, confusion
+    matrix), the dataset versions with their class counts and the config. A trial's report has
+    its curves, plots, datasets and parameters. Images are embedded: open the file anywhere,
+    offline. The store is `--tracking-uri`, else `MLFLOW_TRACKING_URI`, else the workspace's
+    `mlflow.db`; credentials come from MLflow's usual environment variables.
+
+    Examples:
+
+    * `visionautoml report 3f2a9c... --out sweep.html` (run id from the sweep's output or `mlflow ui`)
+    * `visionautoml report 3f2a9c... --out sweep.html --workspace /srv/visionautoml`
+    * `MLFLOW_TRACKING_URI=https://mlflow.example.org visionautoml report 3f2a9c... -o report.html`
+    """
+    from mlflow import MlflowClient
+
+    from visionautoml.automl.report import build_sweep_report
+    from visionautoml.config import JobConfig
+    from visionautoml.errors import TrackingError
+    from visionautoml.tracking.workspace import resolve_tracking_uri
+
+    uri = tracking_uri or resolve_tracking_uri(JobConfig(workspace=str(workspace)))
+    database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if database is not None and not database.is_file():
+        raise TrackingError(
+            f"{database}: no MLflow store there; pass the sweep's --workspace, or --tracking-uri / "
+            "MLFLOW_TRACKING_URI for a tracking server"
+        )
+    with err_console.status(f"reading run {run_id}"):
+        path = build_sweep_report(run_id, out, MlflowClient(uri))
+    console.print(f"report written to {path}", soft_wrap=True)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -198,6 +199,11 @@ class Pipeline(_Strict):
 
 
 # --- end of pipeline section -------------------------------------------------------------------------
+
+
+# pydantic models are ABCs, whose `register` classmethod the `register:` section shadows on
+# instances only; the YAML key is the one users know, so the harmless warning is silenced.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
 class JobConfig(_Strict):

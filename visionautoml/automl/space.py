@@ -287,18 +287,22 @@ def _check_bayesian(subspaces: list[SubSpace]) -> None:
                 )
 
 
-def optuna_define_by_run(subspaces: list[SubSpace]) -> Any:
-    """The define-by-run function OptunaSearch calls: sub-space first, then its parameters."""
+class OptunaSpace:
+    """The define-by-run space OptunaSearch calls: the sub-space first, then its parameters.
 
-    def define(trial: Any) -> dict[str, Any]:
-        index = trial.suggest_categorical("subspace", list(range(len(subspaces))))
+    A class rather than a closure because Tune pickles the searcher for ``--resume``.
+    """
+
+    def __init__(self, subspaces: list[SubSpace]):
+        self.subspaces = subspaces
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        index = trial.suggest_categorical("subspace", list(range(len(self.subspaces))))
         params = {
             name: _suggest(trial, f"{index}:{name}", distribution)
-            for name, distribution in subspaces[index].items()
+            for name, distribution in self.subspaces[index].items()
         }
         return {"params": _typed(params)}
-
-    return define
 
 
 def _suggest(trial: Any, name: str, distribution: ParameterDistribution) -> Any:

@@ -23,6 +23,7 @@ import re
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -635,14 +636,17 @@ def _tuner(
         from ray.tune.search.optuna import OptunaSearch
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        sampler = optuna.samplers.TPESampler(
-            seed=job.training_parameters.seed,
-            n_startup_trials=max(1, min(10, limits.max_trials // 3)),
-            multivariate=True,
-            group=True,
-        )
+        with warnings.catch_warnings():
+            # ``group`` (conditional parameters, exactly what sub-spaces are) is marked experimental.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(
+                seed=job.training_parameters.seed,
+                n_startup_trials=max(1, min(10, limits.max_trials // 3)),
+                multivariate=True,
+                group=True,
+            )
         search_alg = OptunaSearch(
-            space.optuna_define_by_run(plan.subspaces), metric=PRIMARY_METRIC, mode=MODE, sampler=sampler
+            space.OptunaSpace(plan.subspaces), metric=PRIMARY_METRIC, mode=MODE, sampler=sampler
         )
     path = Path(storage)
     tuner = tune.Tuner(

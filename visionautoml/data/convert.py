@@ -18,7 +18,7 @@ from pathlib import Path
 
 from visionautoml.data.annotations import Dataset
 from visionautoml.data.formats import FORMATS, read_dataset, render_dataset
-from visionautoml.data.formats._common import Rendered, commit
+from visionautoml.data.formats._common import Rendered, collector_paused, commit
 from visionautoml.data.formats.jsonl import TRAIN_FILE, VALIDATION_FILE
 from visionautoml.data.problems import Problem, ProblemLog
 from visionautoml.data.split import split_every_nth, split_fraction
@@ -53,25 +53,30 @@ def convert(
     if validation_every is not None and validation_fraction is not None:
         raise DataError("give either --validation-every or --validation-fraction, not both")
     problems = ProblemLog()
-    dataset = read_dataset(source, format, problems=problems, classes=classes, datastore_root=datastore_root)
-    problems.raise_if_errors(f"cannot convert {source}")
-    if not dataset.images:
-        raise DataError(f"{source}: no annotated images found; nothing to convert")
-    train, validation = _split(dataset, validation_every, validation_fraction, seed)
-    out = Path(os.path.abspath(out_dir))
-    if to == "jsonl":
-        outputs = [render_dataset(train, out, "jsonl", file_name=TRAIN_FILE, copy_images=copy_images)]
-        if validation is not None:
-            outputs.append(
-                render_dataset(validation, out, "jsonl", file_name=VALIDATION_FILE, copy_images=copy_images)
-            )
-    elif validation is None:
-        outputs = [render_dataset(train, out, to, copy_images=copy_images)]
-    else:
-        outputs = [
-            _render_under(train, out, "train", to, copy_images),
-            _render_under(validation, out, "validation", to, copy_images),
-        ]
+    with collector_paused():
+        dataset = read_dataset(
+            source, format, problems=problems, classes=classes, datastore_root=datastore_root
+        )
+        problems.raise_if_errors(f"cannot convert {source}")
+        if not dataset.images:
+            raise DataError(f"{source}: no annotated images found; nothing to convert")
+        train, validation = _split(dataset, validation_every, validation_fraction, seed)
+        out = Path(os.path.abspath(out_dir))
+        if to == "jsonl":
+            outputs = [render_dataset(train, out, "jsonl", file_name=TRAIN_FILE, copy_images=copy_images)]
+            if validation is not None:
+                outputs.append(
+                    render_dataset(
+                        validation, out, "jsonl", file_name=VALIDATION_FILE, copy_images=copy_images
+                    )
+                )
+        elif validation is None:
+            outputs = [render_dataset(train, out, to, copy_images=copy_images)]
+        else:
+            outputs = [
+                _render_under(train, out, "train", to, copy_images),
+                _render_under(validation, out, "validation", to, copy_images),
+            ]
     written = commit(out, *outputs)
     return ConvertResult(
         written,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -279,3 +280,20 @@ def _first_line(error: Exception) -> str:
     text = getattr(error, "message", None) or str(error)
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
+
+
+def use_store(job: Any) -> str | None:
+    """Point MLflow at ``job``'s tracking store for registry commands; None if its local store is absent.
+
+    Unlike a training run this creates nothing: listing models of a workspace that has no
+    database yet must not make one.
+    """
+    from visionautoml.tracking.auth import apply_credentials
+    from visionautoml.tracking.workspace import resolve_tracking_uri
+
+    job = apply_credentials(job)
+    uri = resolve_tracking_uri(job)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    mlflow.set_tracking_uri(uri)
+    return uri

@@ -22,10 +22,12 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
 
@@ -65,6 +67,8 @@ FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 FAILURE_TAG = "failure_reason"
 RUN_FILE = "run.json"
 _MAX_TAG_LENGTH = 5000
+
+Reporter = Callable[[int, dict[str, float]], "bool | None"]
 
 
 @dataclass
@@ -112,6 +116,14 @@ def summary_line(result: TrialResult) -> str:
 
 
 @dataclass
+class _Scores:
+    """The latest and the best validation run, kept whole for the evaluation files and plots."""
+
+    latest: Evaluation | None = None
+    best: Evaluation | None = None
+
+
+@dataclass
 class TrialData:
     """The two datasets of a trial and how to name them in tags (store version or content digest)."""
 
@@ -124,7 +136,7 @@ def run_trial(
     job: JobConfig,
     *,
     params: TrainingParameters | None = None,
-    reporter: Any = None,
+    reporter: Reporter | None = None,
     parent_run_id: str | None = None,
     run_name: str | None = None,
 ) -> TrialResult:
@@ -141,12 +153,11 @@ def run_trial(
     checkpoint_dir = workspace_dir(job) / "checkpoints" / _trial_key(job, params)
     connect(job)
     resumed_run_id = _resumable_run(checkpoint_dir)
-    active = mlflow.active_run()
     run = mlflow.start_run(
         run_id=resumed_run_id,
         run_name=None if resumed_run_id else run_name,
         parent_run_id=None if resumed_run_id else parent_run_id,
-        nested=active is not None,
+        nested=mlflow.active_run() is not None,
     )
     run_id = run.info.run_id
     status = FAILED
@@ -176,7 +187,7 @@ def _train_and_log(
     params: TrainingParameters,
     run_id: str,
     checkpoint_dir: Path,
-    reporter: Any,
+    reporter: Reporter | None,
     console: Console,
 ) -> TrialResult:
     import mlflow
@@ -207,21 +218,19 @@ def _train_and_log(
     model = build_model(params.model_name, len(classes) + 1, params)
     train_loader, validation_loader = make_loaders(data, params)
 
-    evaluations: dict[int, Evaluation] = {}
+    scores = _Scores()
 
-    def evaluate(module: Any) -> dict[str, Any]:
+    def evaluate(module: torch.nn.Module) -> dict[str, Any]:
         ground_truths, detections = predict_loader(module, validation_loader, device)
-        evaluation = evaluate_predictions(ground_truths, detections, classes, params)
-        evaluations.clear()
-        evaluations[0] = evaluation
-        return evaluation.metrics
-
-    best: dict[str, Evaluation] = {}
+        scores.latest = evaluate_predictions(ground_truths, detections, classes, params)
+        return scores.latest.metrics
 
     def on_evaluation(epoch: int, metrics: dict[str, Any]) -> bool:
-        mlflow.log_metrics(flat_metrics(evaluations[0].metrics), step=epoch)  # losses went in on_epoch
-        if not best or metrics[PRIMARY_METRIC] > best["evaluation"].metrics[PRIMARY_METRIC]:
-            best["evaluation"] = evaluations[0]
+        latest = scores.latest
+        assert latest is not None
+        mlflow.log_metrics(flat_metrics(latest.metrics), step=epoch)  # the losses went in on_epoch
+        if scores.best is None or latest.metrics[PRIMARY_METRIC] > scores.best.metrics[PRIMARY_METRIC]:
+            scores.best = latest
         return bool(reporter(epoch, flat_metrics(metrics))) if reporter else False
 
     outcome = fit(
@@ -235,10 +244,10 @@ def _train_and_log(
         device=device,
         console=console,
     )
-    evaluation = best.get("evaluation")
+    evaluation = scores.best
     if evaluation is None or evaluation.metrics[PRIMARY_METRIC] != outcome.best_metrics.get(PRIMARY_METRIC):
         evaluate(model)  # the best epoch was before a resume: score its weights again
-        evaluation = evaluations[0]
+        evaluation = scores.latest
 
     summary = {
         "best_epoch": str(outcome.best_epoch),

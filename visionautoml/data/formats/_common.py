@@ -6,11 +6,12 @@ canonical model, and so that every format reports the same problem the same way.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import shutil
-from collections.abc import Iterable
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -106,6 +107,23 @@ def _snap(value: float, edge: float) -> float:
 
 def _fmt(value: float) -> str:
     return str(int(value)) if value == int(value) else f"{value:.6g}"
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cycle collector while a reader builds tens of thousands of records.
+
+    The records hold no reference cycles, yet every collection pass walks all of them
+    again: a third of the time of reading a large dataset. Reference counting still
+    frees everything as usual; the collector resumes (if it was on) when the block ends.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def location(source: str) -> tuple[str, int | None]:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 from json.encoder import encode_basestring_ascii
+from operator import attrgetter
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
@@ -218,24 +219,31 @@ def render(
     Lines are formatted directly rather than through ``json.dumps`` per dict, which is
     the bulk of the time when converting large datasets; the tests hold both byte-equal.
     """
-    images = sorted(dataset.images, key=lambda image: image.name)
+    images = sorted(dataset.images, key=attrgetter("name"))
     relative = RelativePaths(out_dir)
+    label_prefixes: dict[str, str] = {}
     lines = []
     for image in images:
         url = f"images/{image.name}" if copy_images else relative(image.path)
-        lines.append(_line(url, format_name_for_suffix(image.name), image.width, image.height, image.boxes))
+        fmt = format_name_for_suffix(image.name)
+        lines.append(_line(url, fmt, image.width, image.height, image.boxes, label_prefixes))
     copies = {f"images/{image.name}": image.path for image in images} if copy_images else {}
     return Rendered({file_name: "".join(lines).encode()}, copies)
 
 
-def _line(url: str, fmt: str, width: int, height: int, boxes: list[Box]) -> str:
-    labels = ", ".join(
-        f'{{"label": {encode_basestring_ascii(box.label)}, "topX": {box.xmin / width!r}, '
-        f'"topY": {box.ymin / height!r}, "bottomX": {box.xmax / width!r}, '
-        f'"bottomY": {box.ymax / height!r}, "isCrowd": {int(box.iscrowd)}}}'
-        for box in boxes
-    )
+def _line(url: str, fmt: str, width: int, height: int, boxes: list[Box], prefixes: dict[str, str]) -> str:
+    """One line, as ``json.dumps`` would write it; ``prefixes`` caches each label's encoded start."""
+    labels = []
+    for box in boxes:
+        prefix = prefixes.get(box.label)
+        if prefix is None:
+            prefix = prefixes[box.label] = f'{{"label": {encode_basestring_ascii(box.label)}, "topX": '
+        labels.append(
+            f'{prefix}{box.xmin / width!r}, "topY": {box.ymin / height!r}, "bottomX": {box.xmax / width!r}, '
+            f'"bottomY": {box.ymax / height!r}, "isCrowd": {1 if box.iscrowd else 0}}}'
+        )
     return (
         f'{{"image_url": {encode_basestring_ascii(url)}, "image_details": {{"format": '
-        f'{encode_basestring_ascii(fmt)}, "width": {width}, "height": {height}}}, "label": [{labels}]}}\n'
+        f'{encode_basestring_ascii(fmt)}, "width": {width}, "height": {height}}}, '
+        f'"label": [{", ".join(labels)}]}}\n'
     )
