@@ -205,7 +205,7 @@ def quality(args: argparse.Namespace) -> None:
         outcome = fit(model, train_loader, evaluate, params, Path(checkpoints), on_evaluation=record)
     total = (time.perf_counter() - started) / 60
     best = max(curve, key=lambda point: point[2])
-    plot = ROOT / "benchmarks" / "raccoon_quality.png"
+    plot = Path(args.results).parent / "raccoon_quality.png"
     _plot(curve, plot, params, budget)
     table = "\n".join(f"{m:6.2f}  {e:5d}  {m50:.4f}  {mm:.4f}" for m, e, m50, mm in curve)
     section = f"""
@@ -230,7 +230,7 @@ Best mAP@0.5 {best[2]:.4f} at {best[0]:.2f} min (epoch {best[1]}); stopped: {out
 {outcome.epochs_completed} epochs, {total:.2f} min in all. Goal: mAP@0.5 >= 0.65 within 10 minutes:
 {"met" if best[2] >= 0.65 and best[0] <= QUALITY_BUDGET_MINUTES else "NOT met"}.
 """
-    with RESULTS.open("a", encoding="utf-8") as results:
+    with Path(args.results).open("a", encoding="utf-8") as results:
         results.write(section)
     print(section)
 
@@ -267,6 +267,7 @@ def main() -> None:
         "--epochs", type=int, help="throughput: epochs per run (2); quality: override the example's"
     )
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--results", default=str(RESULTS), help="quality: the Markdown file to append to")
     parser.add_argument(
         "--threads",
         type=int,

@@ -62,30 +62,36 @@ def test_validation_sample_keeps_original_size_every_box_and_target_fields(tmp_p
     assert target["image_id"].item() == 0
 
 
-def test_training_sample_is_pre_resized_to_the_model_scale_and_drops_crowd(tmp_path):
+def test_training_sample_is_shrunk_to_the_model_scale_and_drops_crowd(tmp_path):
     boxes = [Box(8, 6, 40, 30, "red"), Box(0, 0, 10, 10, "blue", iscrowd=True), Box(5, 5, 5, 9, "red")]
     samples = DetectionDataset(
-        _dataset(tmp_path, boxes=boxes), train=True, input_size=InputSize(min_size=96, max_size=400)
+        _dataset(tmp_path, boxes=boxes), train=True, input_size=InputSize(min_size=24, max_size=400)
     )
     image, target = samples[0]
 
-    assert image.shape == (3, 96, 128)
-    assert target["boxes"].tolist() == [[16, 12, 80, 60]]  # crowd and the zero-width box are gone
+    assert image.shape == (3, 24, 32)
+    assert target["boxes"].tolist() == [[4, 3, 20, 15]]  # crowd and the zero-width box are gone
     assert target["labels"].tolist() == [2] and target["iscrowd"].tolist() == [0]
-    assert _red_extent(image) == pytest.approx((16, 12, 80, 60), abs=1)
+    assert _red_extent(image) == pytest.approx((4, 3, 20, 15), abs=1)
 
 
-def test_ssd_training_sample_is_resized_to_the_square_input(tmp_path):
-    samples = DetectionDataset(_dataset(tmp_path), train=True, input_size=InputSize(image_size=96))
+def test_training_images_smaller_than_the_model_input_are_left_for_the_model_to_enlarge(tmp_path):
+    samples = DetectionDataset(
+        _dataset(tmp_path), train=True, input_size=InputSize(min_size=96, max_size=400)
+    )
     image, target = samples[0]
-    assert image.shape == (3, 96, 96)
-    assert target["boxes"].tolist() == [[12, 12, 60, 60]]
+    assert image.shape == (3, 48, 64) and target["boxes"].tolist() == [[8, 6, 40, 30]]
+
+
+def test_ssd_training_sample_is_shrunk_to_the_square_input(tmp_path):
+    samples = DetectionDataset(_dataset(tmp_path), train=True, input_size=InputSize(image_size=32))
+    image, target = samples[0]
+    assert image.shape == (3, 32, 32)
+    assert target["boxes"].tolist() == [[4, 4, 20, 20]]
 
 
 def test_augmented_boxes_still_enclose_their_object(tmp_path):
-    samples = DetectionDataset(
-        _dataset(tmp_path), train=True, input_size=InputSize(min_size=96, max_size=400), augment=True
-    )
+    samples = DetectionDataset(_dataset(tmp_path, size=(128, 96)), train=True, augment=True)
     seen = set()
     for seed in range(30):
         torch.manual_seed(seed)
@@ -178,7 +184,7 @@ def test_loader_batches_with_a_worker_is_reproducible_and_serves_from_memory(tmp
     dataset = _dataset(tmp_path, n=5)
     params = TrainingParameters(
         model_name="fasterrcnn_mobilenet_v3_large_320_fpn",
-        min_size=64,
+        min_size=32,
         max_size=128,
         training_batch_size=2,
         number_of_workers=1,
@@ -193,7 +199,7 @@ def test_loader_batches_with_a_worker_is_reproducible_and_serves_from_memory(tmp
         batches = list(loader)
         assert [len(images) for images, _ in batches] == [2, 2, 1]
         images, targets = batches[0]
-        assert images[0].shape == (3, 64, 85) and targets[0]["labels"].tolist() == [2]
+        assert images[0].shape == (3, 32, 43) and targets[0]["labels"].tolist() == [2]
         orders.append([int(t["image_id"]) for _, batch_targets in batches for t in batch_targets])
     assert orders[0] == orders[1] and sorted(orders[0]) == [0, 1, 2, 3, 4]
 

@@ -319,7 +319,7 @@ def test_jsonl_lines_are_byte_identical_to_json_dumps(
             for box in records
         ],
     }
-    assert _line(url, "jpg", width, height, records, {}) == json.dumps(expected) + "\n"
+    assert _line(url, "jpg", width, height, records) == json.dumps(expected) + "\n"
 
 
 # --- COCO and YOLO ---------------------------------------------------------------------------

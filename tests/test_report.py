@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from visionautoml.automl.report import build_sweep_report
+from visionautoml.cli import main
 from visionautoml.config import TrainingParameters
 from visionautoml.data.formats import read_dataset
 from visionautoml.data.stats import compute_stats
@@ -36,7 +36,6 @@ from visionautoml.training.plots import write_trial_plots
 
 PRIMARY = "mean_average_precision"
 HOSTILE = '<script>alert("x")</script>'
-VISIONAUTOML = Path(sys.executable).with_name("visionautoml")
 
 
 class Page(HTMLParser):
@@ -117,52 +116,52 @@ def log_evaluation(client: MlflowClient, run_id: str, data: Path, folder: Path) 
     return evaluation.metrics
 
 
-def child(client, experiment_id, parent_id, number, state, status, params, tags, histories):
-    run = client.create_run(
-        experiment_id,
-        run_name=f"trial-abc12_{number - 1:05d}",
-        tags={
-            "mlflow.parentRunId": parent_id,
-            "trial_state": state,
-            "tune_trial_id": f"abc12_{number - 1:05d}",
-            **tags,
-        },
-    )
-    run_id = run.info.run_id
-    for key, value in params.items():
-        client.log_param(run_id, key, value)
-    for key, points in histories.items():
-        for step, value in points:
-            client.log_metric(run_id, key, value, step=step)
-    return run_id
+# (number, trial_state, run status, learning_rate, optimizer, primary metric per epoch, loss per epoch, tags)
+TRIALS = [
+    (
+        1,
+        "completed",
+        "FINISHED",
+        "0.008",
+        "sgd",
+        None,
+        [2.0, 1.4, 1.1],
+        {"stop_reason": "number_of_epochs reached"},
+    ),
+    (2, "completed", "FINISHED", "0.004", "adam", [0.1, 0.45, 0.4], [2.1, 1.6, 1.5], {}),
+    (
+        3,
+        "early_terminated",
+        "KILLED",
+        "0.0015",
+        "sgd",
+        [0.05, 0.07],
+        [2.5, 2.4, 2.3],
+        {"stop_reason": "stopped early by the early-termination policy"},
+    ),
+    (4, "failed", "FAILED", "0.009", HOSTILE, [], [], {"failure_reason": f"diverged {HOSTILE}"}),
+    # trial 2's first run, replaced after an interruption: the report must leave it out
+    (2, "interrupted", "KILLED", "0.004", "adam", [0.01], [3.0], {}),
+]
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("report-store")
     data = make_voc_dataset(root / "data", n_images=6)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(uri)
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment_id = client.create_experiment("sweep-report", artifact_location=(root / "artifacts").as_uri())
-    parent = client.create_run(
-        experiment_id,
-        run_name="sweep-20260101-120000",
-        tags={
-            "visionautoml.kind": "sweep",
-            "config_hash": "0123456789abcdef",
-            "git_commit": "f" * 40,
-            "dataset.training": "sweep-report-train:1",
-            "dataset.validation": "sweep-report-validation:1",
-        },
-    )
-    parent_id = parent.info.run_id
-    for key, value in {
-        "sampling_algorithm": "random",
-        "early_termination": "bandit",
-        "early_termination.slack_factor": 0.1,
-        "max_trials": 3,
-        "primary_metric": PRIMARY,
-    }.items():
+    parent_tags = {
+        "visionautoml.kind": "sweep",
+        "git_commit": "f" * 40,
+        "dataset.training": "sweep-report-train:1",
+        "dataset.validation": "sweep-report-validation:1",
+    }
+    parent_id = client.create_run(
+        experiment_id, run_name="sweep-20260101-120000", tags=parent_tags
+    ).info.run_id
+    settings = {"sampling_algorithm": "random", "early_termination": "bandit", "primary_metric": PRIMARY}
+    for key, value in {**settings, "early_termination.slack_factor": 0.1}.items():
         client.log_param(parent_id, key, value)
     space = [
         {
@@ -177,76 +176,42 @@ def store(tmp_path_factory):
         client.log_artifacts(parent_id, folder)
 
     data_tags = {
-        "dataset.training": "sweep-report-train:1",
         "dataset.training.path": str(data),
         "dataset.training.digest": "d" * 64,
-        "dataset.validation": "sweep-report-validation:1",
         "dataset.validation.path": str(root / "gone" / "validation_annotations.jsonl"),
         "dataset.validation.digest": "e" * 64,
         "classes": json.dumps(["red_square", "blue_square"]),
     }
-    best = child(
-        client,
-        experiment_id,
-        parent_id,
-        1,
-        "completed",
-        "FINISHED",
-        {"learning_rate": "0.008", "optimizer": "sgd", "model_name": "ssdlite320_mobilenet_v3_large"},
-        {**data_tags, "stop_reason": "number_of_epochs reached", "best_epoch": "3"},
-        {PRIMARY: [(1, 0.2), (2, 0.5), (3, 0.61234)], "loss": [(1, 2.0), (2, 1.4), (3, 1.1)]},
-    )
-    metrics = log_evaluation(client, best, data, root / "evaluation")
-    client.log_metric(best, f"best_{PRIMARY}", 0.61234, step=3)
-    client.log_metric(best, "best_map_50", 0.7, step=3)
-    client.set_terminated(best, "FINISHED")
-    second = child(
-        client,
-        experiment_id,
-        parent_id,
-        2,
-        "completed",
-        "FINISHED",
-        {"learning_rate": "0.004", "optimizer": "adam", "model_name": "ssdlite320_mobilenet_v3_large"},
-        {**data_tags, "stop_reason": "number_of_epochs reached"},
-        {PRIMARY: [(1, 0.1), (2, 0.45), (3, 0.4)], "loss": [(1, 2.1), (2, 1.6), (3, 1.5)]},
-    )
-    client.log_metric(second, f"best_{PRIMARY}", 0.45, step=2)
-    client.set_terminated(second, "FINISHED")
-    stopped = child(
-        client,
-        experiment_id,
-        parent_id,
-        3,
-        "early_terminated",
-        "KILLED",
-        {"learning_rate": "0.0015", "optimizer": "sgd", "model_name": "ssdlite320_mobilenet_v3_large"},
-        {**data_tags, "stop_reason": "stopped early by the early-termination policy"},
-        {PRIMARY: [(1, 0.05), (2, 0.07)], "loss": [(1, 2.5), (2, 2.4), (3, 2.3)]},
-    )
-    client.set_terminated(stopped, "KILLED")
-    failed = child(
-        client,
-        experiment_id,
-        parent_id,
-        4,
-        "failed",
-        "FAILED",
-        {"learning_rate": "0.009", "optimizer": HOSTILE, "model_name": "ssdlite320_mobilenet_v3_large"},
-        {"failure_reason": f"diverged {HOSTILE}"},
-        {},
-    )
-    client.set_terminated(failed, "FAILED")
-    client.set_tag(parent_id, "best_trial_run_id", best)
+    runs, metrics = {}, {}
+    for number, state, status, learning_rate, optimizer, curve, losses, tags in TRIALS:
+        trial_id = f"abc12_{number - 1:05d}"
+        tags = {"mlflow.parentRunId": parent_id, "trial_state": state, "tune_trial_id": trial_id, **tags}
+        if state != "failed":  # this one failed before it read any data
+            tags.update(data_tags)
+        run_id = client.create_run(experiment_id, run_name=f"trial-{trial_id}", tags=tags).info.run_id
+        client.log_param(run_id, "learning_rate", learning_rate)
+        client.log_param(run_id, "optimizer", optimizer)
+        if curve is None:  # the best trial: its real evaluation, improving up to it
+            metrics = log_evaluation(client, run_id, data, root / "evaluation")
+            curve = [metrics[PRIMARY] * fraction for fraction in (0.3, 0.8, 1.0)]
+        for epoch, value in enumerate(curve, start=1):
+            client.log_metric(run_id, PRIMARY, value, step=epoch)
+        for epoch, value in enumerate(losses, start=1):
+            client.log_metric(run_id, "loss", value, step=epoch)
+        if state == "completed":
+            client.log_metric(run_id, f"best_{PRIMARY}", max(curve), step=curve.index(max(curve)) + 1)
+        client.set_terminated(run_id, status)
+        runs.setdefault(number, run_id)
+    client.log_metric(runs[1], "best_map_50", metrics["map_50"])
+    client.set_tag(parent_id, "best_trial_run_id", runs[1])
     client.set_terminated(parent_id, "FINISHED")
     return {
-        "uri": uri,
         "client": client,
         "root": root,
         "data": data,
         "parent": parent_id,
         "metrics": metrics,
-        "runs": {"best": best, "second": second, "stopped": stopped, "failed": failed},
+        "runs": runs,
     }
 
 
@@ -297,14 +262,14 @@ def test_the_leaderboard_equals_the_tracking_store(report, store):
         assert row["epochs"] == str(max((m.step for m in history), default=0))
         end, start = run.info.end_time, run.info.start_time
         assert row["seconds"] == f"{(end - start) / 1000:.1f}"
-    assert rows[0][PRIMARY] == "0.6123" and rows[1][PRIMARY] == "0.4500" and rows[2][PRIMARY] == "0.0700"
+    assert [row[PRIMARY] for row in rows] == [f"{store['metrics'][PRIMARY]:.4f}", "0.4500", "0.0700", ""]
     assert rows[3]["reason"] == f"diverged {HOSTILE}"  # shown as text, not run
 
 
 def test_stopped_trials_datasets_and_config_are_shown(report, store):
     text, page = report
     (stopped,) = page.rows("early-termination-table")
-    assert stopped["trial"] == "3" and stopped["run_id"] == store["runs"]["stopped"]
+    assert stopped["trial"] == "3" and stopped["run_id"] == store["runs"][3]
     assert stopped["stopped after epoch"] == "2"
     assert stopped[f"{PRIMARY} then"] == "0.0700"
     assert stopped["reason"] == "stopped early by the early-termination policy"
@@ -325,7 +290,9 @@ def test_stopped_trials_datasets_and_config_are_shown(report, store):
     space = page.rows("search-space-table")
     assert [row["parameter"] for row in space] == ["learning_rate", "optimizer"]
     assert "experiment_name: sweep-report" in text
-    assert page.rows("summary-table")[5]["value"] == f"trial 1, run {store['runs']['best']}"
+    summary = {row["field"]: row["value"] for row in page.rows("summary-table")}
+    assert summary["best trial"] == f"trial 1, run {store['runs'][1]}"
+    assert summary["trials"] == "4: 2 completed, 1 early_terminated, 1 failed"
 
 
 def test_user_strings_are_escaped(report):
@@ -336,14 +303,14 @@ def test_user_strings_are_escaped(report):
 
 
 def test_a_single_trial_run_gets_its_config_curves_and_plots(store, tmp_path):
-    path = build_sweep_report(store["runs"]["best"], tmp_path / "trial.html", store["client"])
+    path = build_sweep_report(store["runs"][1], tmp_path / "trial.html", store["client"])
     page = Page(path.read_text(encoding="utf-8"))
     assert page.sections == ["summary", "curves", "plots", "datasets", "configuration"]
     assert len(decode_all(page.images)) == 4  # the curves and the three plots
     parameters = {row["parameter"]: row["value"] for row in page.rows("parameters-table")}
     assert parameters["learning_rate"] == "0.008"
-    summary = {row[""]: row["value"] for row in page.rows("summary-table")}
-    assert summary[f"best {PRIMARY}"] == "0.6123"
+    summary = {row["field"]: row["value"] for row in page.rows("summary-table")}
+    assert summary[f"best {PRIMARY}"] == f"{store['metrics'][PRIMARY]:.4f}"
 
 
 def test_the_report_is_logged_to_the_parent_run_on_request(store, tmp_path):
@@ -361,29 +328,35 @@ def test_an_unknown_run_is_a_clear_error(store, tmp_path):
     assert not (tmp_path / "x.html").exists()
 
 
-def test_cli_regenerates_the_report_and_fails_without_traceback(store, tmp_path):
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """The console script's ``main`` in this process: exit code, stdout and stderr."""
+    monkeypatch.setattr(sys, "argv", ["visionautoml", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
+
+
+def test_cli_regenerates_the_report_and_fails_without_traceback(store, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cli" / "report.html"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}
-    done = subprocess.run(
-        [str(VISIONAUTOML), "report", store["parent"], "--out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    uri = str(store["client"].tracking_uri)
+    code, stdout, stderr = run_cli(
+        monkeypatch, capsys, "report", store["parent"], "--out", str(out), "--tracking-uri", uri
     )
-    assert done.returncode == 0, done.stderr
+    assert code == 0, stderr
+    assert str(out) in stdout
     assert len(Page(out.read_text(encoding="utf-8")).rows("leaderboard-table")) == 4
-    missing = subprocess.run(
-        [str(VISIONAUTOML), "report", "0" * 32, "--out", str(tmp_path / "no.html")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "report", "0" * 32, "-o", str(tmp_path / "no.html"), "--tracking-uri", uri
     )
-    assert missing.returncode == 1
-    assert "not in the tracking store" in missing.stderr and "Traceback" not in missing.stderr
+    assert code == 1 and "not in the tracking store" in stderr and "Traceback" not in stderr
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "report", store["parent"], "-o", str(out), "-w", str(tmp_path / "empty")
+    )
+    assert code == 1 and "no MLflow store there" in stderr
+    assert not (tmp_path / "no.html").exists()
 
 
 # --- in a real browser -------------------------------------------------------------------------------
@@ -440,7 +413,7 @@ def test_chromium_shows_the_report_without_console_errors(report, store, tmp_pat
     assert plain.returncode == 0, plain.stderr[-2000:]
     console = [line for line in plain.stderr.splitlines() if "CONSOLE" in line or "Refused" in line]
     assert not console, console
-    assert 'id="leaderboard-table"' in plain.stdout and store["runs"]["best"] in plain.stdout
+    assert 'id="leaderboard-table"' in plain.stdout and store["runs"][1] in plain.stdout
 
     # The same page plus a probe (allowed by a loosened policy, in this copy only) that counts the
     # images the browser could not decode: the curves and the drawn predictions must render.

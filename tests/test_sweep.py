@@ -365,3 +365,38 @@ def _descendants(root: int) -> set[int]:
         found.update(children)
         frontier.extend(children)
     return found
+
+
+def test_a_real_sweep_trains_two_models_and_registers_the_better(local_ray, tracking_uri, tmp_path):
+    job = make_job(
+        tmp_path,
+        tracking_uri,
+        training_parameters={
+            "number_of_epochs": 2,
+            "pretrained": "none",
+            "training_batch_size": 4,
+            "early_stopping": False,
+        },
+        sweep={
+            "sampling_algorithm": "grid",
+            "early_termination": {"type": "bandit", "slack_factor": 0.5, "delay_evaluation": 1},
+        },
+        limits={"max_trials": 2, "max_concurrent_trials": 2, "trial_timeout_minutes": 5},
+        search_space=[{"model_name": {"type": "choice", "values": MODELS}}],
+    )
+    console = quiet()
+    result = run_sweep(job, console=console)
+
+    assert {trial.params["model_name"] for trial in result.trials} == set(MODELS)
+    assert all(trial.state in ("completed", "early_terminated") for trial in result.trials)
+    best = result.best
+    assert best.state == "completed" and best.epoch == 2
+    version = registry.get_version(job.register.model_name, alias="candidate")
+    assert version.run_id == best.run_id
+    assert version.tags["model_name"] == best.params["model_name"]
+    # The registered model is the trainer's: a saved-model folder the rest of the system loads.
+    from visionautoml.tracking.models import resolve_model
+
+    saved = resolve_model(f"models:/{job.register.model_name}@candidate", tracking_uri=tracking_uri)
+    assert json.loads((saved / "model.json").read_text())["model_name"] == best.params["model_name"]
+    assert "Leaderboard" in console.file.getvalue()

@@ -17,11 +17,14 @@ from mlflow import MlflowClient
 from visionautoml import cli
 from visionautoml.config import parse_config
 from visionautoml.data.convert import convert
+from visionautoml.data.formats import read_dataset
+from visionautoml.data.versions import DatasetStore, default_store_root
+from visionautoml.errors import DataError
 from visionautoml.models.saved import load_model
 from visionautoml.models.zoo import build_model
 from visionautoml.tracking import workspace
 from visionautoml.tracking.models import resolve_model
-from visionautoml.training.trial import flat_params, git_commit, run_trial
+from visionautoml.training.trial import content_digest, flat_params, git_commit, load_trial_data, run_trial
 
 SECRET = "s3cr3t-Tracking-Pa55"
 TINY = {
@@ -91,6 +94,35 @@ def nan_weights(path: Path) -> Path:
         {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}, path
     )
     return path
+
+
+def test_trial_data_comes_from_folders_converted_output_or_the_dataset_store(voc, tmp_path):
+    params = parse_config({"training_parameters": TINY}).training_parameters
+    job = parse_config({"workspace": str(tmp_path / "ws"), "training_data": str(voc)})
+    version = DatasetStore(default_store_root(job.workspace)).register(voc, "tiny")
+
+    refs = {"training_data": "tiny", "validation_data": "tiny:1"}
+    by_ref = load_trial_data(job.model_copy(update=refs), params)
+    assert by_ref.tags["dataset.training"] == by_ref.tags["dataset.validation"] == "tiny:1"
+    assert by_ref.tags["dataset.validation.digest"] == version.digest
+    by_path = load_trial_data(job.model_copy(update={"training_data": version.annotations}), params)
+    assert by_path.tags["dataset.source"] == "tiny:1"  # split inside the trial: parts of tiny:1, not tiny:1
+    assert by_path.tags["dataset.validation"] == "sha256:" + by_path.tags["dataset.validation.digest"][:16]
+    assert (len(by_path.training.images), len(by_path.validation.images)) == (6, 2)
+
+    assert content_digest(read_dataset(voc)) == version.digest  # the same content, the same digest
+
+    converted = tmp_path / "converted"
+    convert(voc, converted, "jsonl", validation_every=2)
+    folder = load_trial_data(job.model_copy(update={"training_data": str(converted)}), params)
+    assert (len(folder.training.images), len(folder.validation.images)) == (4, 4)
+    assert folder.tags["dataset.validation.path"] == str(converted / "validation_annotations.jsonl")
+
+    other = make_voc_dataset(tmp_path / "other", n_images=2, classes=("green_square",))
+    with pytest.raises(DataError, match="unknown label 'green_square'"):
+        load_trial_data(job.model_copy(update={"validation_data": str(other)}), params)
+    with pytest.raises(DataError, match="nor a dataset registered"):
+        load_trial_data(job.model_copy(update={"training_data": "tiny:7"}), params)
 
 
 def test_a_trial_logs_everything_to_mlflow_and_reads_back(store, voc, tmp_path, monkeypatch):

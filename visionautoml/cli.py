@@ -368,6 +368,9 @@ def data_stats(
     datastore_root: Path | None = typer.Option(
         None, "--datastore-root", help="Local folder that AmlDatastore:// image URLs in a JSONL point into."
     ),
+    html: Path | None = typer.Option(
+        None, "--html", help="Also write a self-contained HTML overview (charts, sample images) here."
+    ),
 ) -> None:
     """Summarise a dataset: images, boxes per class, boxes per image, box sizes and shapes.
 
@@ -375,6 +378,7 @@ def data_stats(
 
     * `visionautoml data stats data/raccoon`
     * `visionautoml data stats train_annotations.jsonl --plot stats.png`
+    * `visionautoml data stats data/raccoon --html raccoon.html` (open it in any browser, offline)
     """
     from visionautoml.data.formats import read_dataset
     from visionautoml.data.problems import ProblemLog
@@ -392,6 +396,11 @@ def data_stats(
         console.print(table)
     if plot is not None:
         console.print(f"plot written to {plot_stats(dataset, stats, plot, samples)}", soft_wrap=True)
+    if html is not None:
+        from visionautoml.data.overview import write_overview
+
+        page = write_overview(dataset, html, stats=stats, samples=samples, source=str(path))
+        console.print(f"overview written to {page}", soft_wrap=True)
 
 
 # --- models zoo (owner: models) ---------------------------------------------------------------

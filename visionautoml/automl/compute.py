@@ -118,8 +118,12 @@ def ray_session(compute: Compute, *, on_status: Callable[[str], None] | None = N
 def join_cluster(compute: Compute, *, on_status: Callable[[str], None] | None = None) -> ClusterInfo:
     """Connect to ``compute.address`` and wait until it offers ``min_nodes`` and ``min_gpus``."""
     _quiet_tune()
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
     import ray
+    from ray._private import ray_constants
 
+    # The reverse of the local case: a driver of a cluster must find its node by its real address.
+    ray_constants.ENABLE_RAY_CLUSTER = True
     try:
         ray.init(address=compute.address, log_to_driver=False, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as error:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import tempfile
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from visionautoml.data.overview import (
     Section,
@@ -53,7 +55,7 @@ REPORT_ARTIFACT = "report.html"
 PLOTS_ARTIFACT_DIR = "evaluation/plots"
 METRICS_ARTIFACT = "evaluation/metrics.json"
 LOSS_METRIC = "loss"
-COMPLETED, EARLY_TERMINATED, FAILED = "completed", "early_terminated", "failed"
+COMPLETED, EARLY_TERMINATED, FAILED, INTERRUPTED = "completed", "early_terminated", "failed", "interrupted"
 STATE_COLOURS = {COMPLETED: "#1a7f37", EARLY_TERMINATED: "#d4a72c", FAILED: "#cf222e"}
 # The diagnostics of training/plots.py, the drawn predictions first: what a person looks at first.
 PLOT_ORDER = ("validation_images.png", "precision_recall.png", "confusion_matrix.png")
@@ -96,6 +98,7 @@ def build_sweep_report(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = client or MlflowClient()
     uri = server_name(str(client.tracking_uri))
     if not _RUN_ID.match(parent_run_id):
@@ -138,8 +141,13 @@ def _child_runs(client: Any, run: Any) -> list[Any]:
 
 
 def _trials(client: Any, runs: Sequence[Any], primary: str) -> list[Trial]:
-    """The child runs as trials, numbered as Tune numbered them (start order when a run has no Tune id)."""
-    ordered = sorted(runs, key=lambda run: (_tune_number(run) or math.inf, run.info.start_time or 0))
+    """The child runs as trials, numbered as Tune numbered them (start order when a run has no Tune id).
+
+    A run the sweep marked ``interrupted`` was replaced by a later run of the same trial (``--resume``)
+    and is left out, as the sweep's own leaderboard leaves it out.
+    """
+    current = [run for run in runs if run.data.tags.get("trial_state") != INTERRUPTED]
+    ordered = sorted(current, key=lambda run: (_tune_number(run) or math.inf, run.info.start_time or 0))
     trials = []
     for position, run in enumerate(ordered, start=1):
         tags, metrics = dict(run.data.tags), dict(run.data.metrics)
@@ -275,13 +283,13 @@ def _sweep_summary(run: Any, trials: Sequence[Trial], best: Trial | None, primar
         ("git commit", tags.get("git_commit", "unknown")),
         ("config hash", tags.get("config_hash", "")),
     ]
-    return html_table(["", "value"], rows, table_id="summary-table")
+    return html_table(["field", "value"], rows, table_id="summary-table")
 
 
 def _leaderboard(ranked: Sequence[Trial], searched: Sequence[str], primary: str, best_id: str | None) -> str:
     if not ranked:
         return note("No trial ran: the sweep has no child runs.")
-    columns = ["rank", "trial", "state", *searched, "epochs", primary, "seconds", "run_id", "reason"]
+    columns = ["rank", "trial", "state", *searched, "epochs", primary, "seconds", "reason", "run_id"]
     rows = [
         (
             rank,
@@ -291,8 +299,8 @@ def _leaderboard(ranked: Sequence[Trial], searched: Sequence[str], primary: str,
             trial.epochs,
             _number(trial.score),
             f"{trial.seconds:.1f}" if trial.seconds is not None else "",
-            trial.run_id,
             trial.reason,
+            trial.run_id,
         )
         for rank, trial in enumerate(ranked, start=1)
     ]
@@ -327,6 +335,7 @@ def _sweep_curves(trials: Sequence[Trial], primary: str) -> str:
             if trial.state == EARLY_TERMINATED:
                 axes.plot(steps[-1], values[-1], "X", color="black", markersize=9)
         axes.set(xlabel="epoch", ylabel=key, title=f"{key} per epoch, every trial")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     figure.axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     missing = [str(trial.number) for trial in trials if trial not in shown]
@@ -376,12 +385,9 @@ def _hyperparameters(
         axes.set_title(chart_label(name), fontsize=10)
         axes.set_ylabel(primary if index % columns == 0 else "")
         axes.grid(alpha=0.3)
-    legend = ", ".join(
-        f"{state} {colour}" for state, colour in (("completed", "green"), ("early terminated", "amber"))
-    )
     text = (
-        f"Each point is a trial: its value of the hyperparameter against its {primary} ({legend}; "
-        "the star is the best trial). Failed trials without an evaluation are not shown."
+        f"Each point is a trial: its value of this hyperparameter against its {primary} (green: completed, "
+        "amber: stopped early; the star is the best trial). Failed trials without an evaluation are left out."
     )
     return image_html(figure_uri(figure), f"hyperparameters against {primary}") + note(text)
 
@@ -436,24 +442,26 @@ def _metrics_table(metrics: dict[str, float]) -> str:
 
 
 def _trial_plots(client: Any, run_id: str) -> str:
-    names = [item.path.rsplit("/", 1)[-1] for item in client.list_artifacts(run_id, PLOTS_ARTIFACT_DIR)]
-    if not names:
+    if not client.list_artifacts(run_id, PLOTS_ARTIFACT_DIR):
         return note(
             f"Run {run_id} has no {PLOTS_ARTIFACT_DIR}/ artifacts (the trial did not draw its plots)."
         )
-    parts = []
-    pictures = sorted(
-        (n for n in names if n.endswith(".png")),
-        key=lambda n: (n not in PLOT_ORDER, PLOT_ORDER.index(n) if n in PLOT_ORDER else 0, n),
-    )
-    for name in pictures:
-        data = _artifact_bytes(client, run_id, f"{PLOTS_ARTIFACT_DIR}/{name}")
-        if data is not None:
-            parts.append(image_html(image_uri(data, "image/png"), name, PLOT_CAPTIONS.get(name, name)))
-    table = _text_artifact(client, run_id, f"{PLOTS_ARTIFACT_DIR}/per_class_ap.md")
-    if table:
+    with tempfile.TemporaryDirectory(prefix="visionautoml-report-") as folder:
+        local = Path(client.download_artifacts(run_id, PLOTS_ARTIFACT_DIR, folder))
+        files = {path.name: path.read_bytes() for path in local.iterdir() if path.is_file()}
+    pictures = sorted((name for name in files if name.endswith(".png")), key=_plot_rank)
+    parts = [
+        image_html(image_uri(files[name], "image/png"), name, PLOT_CAPTIONS.get(name, name))
+        for name in pictures
+    ]
+    if "per_class_ap.md" in files:
+        table = files["per_class_ap.md"].decode("utf-8", errors="replace")
         parts.append("<h3>Per-class average precision</h3>" + _markdown_html(table))
     return "".join(parts)
+
+
+def _plot_rank(name: str) -> tuple[int, str]:
+    return (PLOT_ORDER.index(name) if name in PLOT_ORDER else len(PLOT_ORDER), name)
 
 
 def _markdown_html(text: str) -> str:
@@ -583,7 +591,7 @@ def _search_space_table(text: str) -> str:
 
 
 def _distribution_text(distribution: dict[str, Any]) -> str:
-    return ", ".join(f"{key} {value}" for key, value in distribution.items() if key != "type")
+    return ", ".join(f"{key} {json.dumps(value)}" for key, value in distribution.items() if key != "type")
 
 
 # --- the single-trial page ----------------------------------------------------------------------------
@@ -625,7 +633,7 @@ def _trial_summary(run: Any, trial: Trial, primary: str) -> str:
         ("failure", scrub_credentials(tags.get("failure_reason", ""))),
         ("git commit", tags.get("git_commit", "unknown")),
     ]
-    return html_table(["", "value"], [row for row in rows if row[1] != ""], table_id="summary-table")
+    return html_table(["field", "value"], [row for row in rows if row[1] != ""], table_id="summary-table")
 
 
 def _trial_curves(client: Any, run: Any, primary: str) -> str:
@@ -640,6 +648,7 @@ def _trial_curves(client: Any, run: Any, primary: str) -> str:
         steps, values = zip(*points, strict=True)
         axes.plot(steps, values, marker=".", color="#2f6fbf")
         axes.set(xlabel="epoch", title=key)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     return image_html(figure_uri(figure), "metrics per epoch")
 

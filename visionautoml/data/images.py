@@ -34,6 +34,9 @@ _FORMAT_NAMES = {
 }
 
 
+_SUFFIX_FORMATS = {"jpeg": "jpg", "jpe": "jpg", "tif": "tiff"}
+
+
 @dataclass(frozen=True, slots=True)
 class ImageInfo:
     """``format`` is the short name the AutoML JSONL uses (``jpg``, ``png`` ...), from the content."""
@@ -52,8 +55,9 @@ class CheckedImage:
 
 def format_name_for_suffix(name: str) -> str:
     """The JSONL ``image_details.format`` a file name implies (used where images are not opened)."""
-    suffix = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-    return {"jpeg": "jpg", "jpe": "jpg", "tif": "tiff"}.get(suffix, suffix)
+    dot = name.rfind(".")
+    suffix = name[dot + 1 :].lower() if dot >= 0 and "/" not in name[dot:] else ""
+    return _SUFFIX_FORMATS.get(suffix, suffix)
 
 
 def _info(image: Image.Image) -> ImageInfo:

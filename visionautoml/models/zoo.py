@@ -61,8 +61,8 @@ from visionautoml.models import weights
 
 log = logging.getLogger(__name__)
 
-# The smallest SSD300 input whose VGG feature pyramid still has six levels (two unpadded 3x3
-# convolutions at the end need a 3x3 map): measured, see tests/test_zoo.py.
+# The smallest SSD300 input whose VGG feature pyramid still has six levels (its last two unpadded
+# 3x3 convolutions need a 3x3 map): 267 fails, 268 works; tests/test_zoo.py trains at 268.
 _SSD300_MIN_IMAGE_SIZE = 268
 
 
@@ -70,8 +70,8 @@ _SSD300_MIN_IMAGE_SIZE = 268
 class InputSize:
     """How a model scales its input: shorter side to ``min_size`` capped by ``max_size``, or a square.
 
-    The models resize internally; the training data loader uses the same rule to
-    pre-resize images once, so the model's own resize becomes a no-op.
+    The models resize internally; the training data loader uses the same rule to shrink
+    large images once, so decoding, augmentation and the model's own resize see small ones.
     """
 
     min_size: int | None = None
@@ -107,8 +107,8 @@ class _Setup:
 class ZooEntry:
     """One model: its builder, input size, freezable backbone layers and available weights.
 
-    ``defaults`` are torchvision keyword arguments applied on top of torchvision's own;
-    they only change training-time work, never the architecture or saved weights.
+    ``defaults`` are detector keyword arguments: torchvision's own for that builder and
+    documented CPU-friendly training settings. None changes the architecture or the weights.
     """
 
     name: str
@@ -309,8 +309,8 @@ ZOO: dict[str, ZooEntry] = {
             3,
             _MOBILENET,
             FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1,
-            # Fewer RPN proposals and ROI samples while training: measured 3.4x faster per
-            # epoch on CPU with the same validation mAP on the raccoon data.
+            # Fewer RPN proposals and sampled regions while training (the team's measurement,
+            # issue 3: 3.4x faster training on CPU with the same quality).
             defaults={
                 "rpn_score_thresh": 0.05,
                 "rpn_pre_nms_top_n_test": 150,

@@ -225,7 +225,7 @@ def wait_for(
     while True:
         record = load_run(workspace, run_id)
         status = record.effective_status()
-        offset = _stream_log(record.log_path, offset, on_output)
+        offset = _stream_log(record.log_path, offset, on_output, whole=status in FINAL)
         if status in FINAL or (deadline is not None and time.monotonic() >= deadline):
             if status != record.status:
                 record.status = status
@@ -233,14 +233,14 @@ def wait_for(
         time.sleep(_POLL_SECONDS)
 
 
-def _stream_log(path: Path, offset: int, on_output: Callable[[str], None] | None) -> int:
+def _stream_log(path: Path, offset: int, on_output: Callable[[str], None] | None, *, whole: bool) -> int:
     if on_output is None or not path.is_file():
         return offset
     with path.open("rb") as handle:
         handle.seek(offset)
         chunk = handle.read()
-    # Only whole lines: a line being written is passed on once it is complete.
-    complete = chunk[: chunk.rfind(b"\n") + 1]
+    # Whole lines only while the run goes on: a line being written is passed on once it is complete.
+    complete = chunk if whole else chunk[: chunk.rfind(b"\n") + 1]
     if complete:
         on_output(mask(complete.decode("utf-8", errors="replace")))
     return offset + len(complete)

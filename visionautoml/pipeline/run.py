@@ -140,13 +140,14 @@ def run_recorded(record: RunRecord, console: Console | None = None) -> PipelineR
             _run_steps(record, result, console)
         except BaseException as error:
             result.status, result.error = jobs.FAILED, mask(str(error) or type(error).__name__)
-            jobs.finish(record, result=result.to_dict(), error=result.error)
             _write_outputs(record, result)
+            jobs.finish(record, result=result.to_dict(), error=result.error)
             raise
+        # The record's final state comes last: whoever waits on it finds the outputs complete.
         result.status = jobs.SUCCEEDED
-        jobs.finish(record, result=result.to_dict())
         _write_outputs(record, result)
         console.print(f"pipeline run {record.id} [green]succeeded[/]")
+        jobs.finish(record, result=result.to_dict())
     return result
 
 

@@ -14,7 +14,7 @@ Every function works on the tracking store MLflow is pointed at (see
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -257,7 +257,7 @@ def list_versions(name: str) -> list[ModelVersionInfo]:
     """Every version of ``name``, newest first."""
     client = _client()
     try:
-        client.get_registered_model(name)
+        model = client.get_registered_model(name)
         versions = client.search_model_versions(f"name = '{_quote(name)}'", max_results=1000)
     except MlflowException as error:
         if _is_missing(error):
@@ -265,7 +265,13 @@ def list_versions(name: str) -> list[ModelVersionInfo]:
                 f"no registered model named '{name}'; `visionautoml models list` shows the registered ones"
             ) from None
         raise TrackingError(f"cannot read model '{name}': {_first_line(error)}") from None
-    return sorted((_version_info(version) for version in versions), key=lambda info: -info.version)
+    # Searched versions come without their aliases; the registered model has them all.
+    aliases: dict[int, list[str]] = {}
+    for alias, number in (model.aliases or {}).items():
+        aliases.setdefault(int(number), []).append(alias)
+    infos = [_version_info(version) for version in versions]
+    infos = [replace(info, aliases=sorted(aliases.get(info.version, []))) for info in infos]
+    return sorted(infos, key=lambda info: -info.version)
 
 
 def _quote(name: str) -> str:

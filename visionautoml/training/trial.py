@@ -297,7 +297,8 @@ def load_trial_data(job: JobConfig, params: TrainingParameters) -> TrialData:
             "NAME:VERSION)"
         )
     store_root = default_store_root(job.workspace)
-    training_path, training_ref = _locate(job.training_data, store_root)
+    training_source = _locate(job.training_data, store_root)
+    training_path = training_source.path
     validation_source = job.validation_data
     if validation_source is None and training_path.is_dir() and (training_path / VALIDATION_FILE).is_file():
         validation_source = str(training_path / VALIDATION_FILE)
@@ -310,11 +311,14 @@ def load_trial_data(job: JobConfig, params: TrainingParameters) -> TrialData:
     tags = {"dataset.training.path": str(training_path)}
     if validation_source is None:
         training, validation = split_fraction(training, job.validation_data_size, params.seed)
-        validation_ref = None
-        training_ref = None  # a part of a version is not that version
+        # Each is a part of what was given, so neither is that version nor has its digest.
+        if training_source.ref:
+            tags["dataset.source"] = training_source.ref
+        training_source = validation_origin = _Source(training_path)
         tags["dataset.validation.path"] = f"{training_path} (validation_data_size {job.validation_data_size})"
     else:
-        validation_path, validation_ref = _locate(validation_source, store_root)
+        validation_origin = _locate(validation_source, store_root)
+        validation_path = validation_origin.path
         if validation_path.is_dir() and (validation_path / VALIDATION_FILE).is_file():
             validation_path = validation_path / VALIDATION_FILE
         validation = read_dataset(validation_path, classes=list(training.classes))
@@ -324,13 +328,13 @@ def load_trial_data(job: JobConfig, params: TrainingParameters) -> TrialData:
             f"no validation images (from {validation_source or training_path}); give validation_data or a "
             "larger validation_data_size"
         )
-    for role, dataset, ref in (
-        ("training", training, training_ref),
-        ("validation", validation, validation_ref),
+    for role, dataset, origin in (
+        ("training", training, training_source),
+        ("validation", validation, validation_origin),
     ):
-        digest = content_digest(dataset)
+        digest = origin.digest or content_digest(dataset)
         tags[f"dataset.{role}.digest"] = digest
-        tags[f"dataset.{role}"] = ref or f"sha256:{digest[:16]}"
+        tags[f"dataset.{role}"] = origin.ref or f"sha256:{digest[:16]}"
     return TrialData(training, validation, tags)
 
 
@@ -340,26 +344,32 @@ def content_digest(dataset: Dataset) -> str:
     return dataset_digest(dataset, hashes)
 
 
-def _locate(source: str, store_root: str) -> tuple[Path, str | None]:
-    """A path as given, or a registered dataset's JSONL for ``NAME`` / ``NAME:VERSION``; and its ref."""
+@dataclass(frozen=True)
+class _Source:
+    """Where a dataset was read from; ``ref`` and ``digest`` when it is a dataset-store version."""
+
+    path: Path
+    ref: str | None = None
+    digest: str | None = None
+
+
+def _locate(source: str, store_root: str) -> _Source:
+    """A path as given (inside the store or not), or the JSONL of a registered ``NAME`` / ``NAME:VERSION``."""
     path = Path(source).expanduser()
     if path.exists():
         version_file = (path if path.is_dir() else path.parent) / VERSION_FILE
-        ref = None
-        if version_file.is_file():
-            try:
-                info = json.loads(version_file.read_text(encoding="utf-8"))
-                ref = f"{info['name']}:{info['version']}"
-            except (OSError, ValueError, KeyError):
-                ref = None
-        return path, ref
+        try:
+            info = json.loads(version_file.read_text(encoding="utf-8"))
+            return _Source(path, f"{info['name']}:{info['version']}", str(info["digest"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return _Source(path)
     try:
         name, version = parse_ref(source)
+        registered = DatasetStore(store_root).get(name, version) if Path(store_root).is_dir() else None
     except DataError:
-        name = None
-    if name is not None and Path(store_root).is_dir():
-        registered = DatasetStore(store_root).get(name, version)
-        return Path(registered.annotations), registered.ref
+        registered = None
+    if registered is not None:
+        return _Source(Path(registered.annotations), registered.ref, registered.digest)
     raise DataError(
         f"{source}: no such file or folder, nor a dataset registered in {store_root}. Give a dataset "
         "folder or file, a `data convert` output folder, or NAME[:VERSION] of `visionautoml data list`"

@@ -147,12 +147,13 @@ def list_files(root: Path) -> list[str]:
         except OSError:
             continue
         for entry in entries:
-            if entry.name.startswith("."):
+            name = entry.name
+            if name[0] == ".":
                 continue
             if entry.is_dir():
-                pending.append((f"{prefix}{entry.name}/", entry.path))
+                pending.append((f"{prefix}{name}/", entry.path))
             else:
-                found.append(prefix + entry.name)
+                found.append(prefix + name)
     found.sort()
     return found
 
@@ -183,10 +184,10 @@ class RelativePaths:
 
     def __call__(self, path: Path | str) -> str:
         path = os.fspath(path)
-        folder, name = os.path.split(path if os.path.isabs(path) else os.path.abspath(path))
+        folder, _, name = (path if path.startswith("/") else os.path.abspath(path)).rpartition("/")
         relative = self._folders.get(folder)
         if relative is None:
-            relative = self._folders[folder] = os.path.relpath(folder, self._base).replace(os.sep, "/")
+            relative = self._folders[folder] = os.path.relpath(folder or "/", self._base).replace(os.sep, "/")
         return name if relative == "." else f"{relative}/{name}"
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from typing import NamedTuple
 
 _COORDINATES = ("xmin", "ymin", "xmax", "ymax")
@@ -58,16 +59,17 @@ class Fields(NamedTuple):
 
 
 class _Plan(NamedTuple):
-    """One skeleton: its pattern, which capture holds each field, and the fields it lacks.
+    """One skeleton: its pattern's matcher, which capture holds each field, and the fields it lacks.
 
     ``fixed`` maps a field's position to None (missing) or "" (a self-closing element);
     ``groups`` then names a placeholder capture for it.
     """
 
     root: str
-    pattern: re.Pattern[str]
+    fullmatch: Callable[[str], re.Match[str] | None]
     groups: tuple[int, ...]
     fixed: dict[int, str | None]
+    objects: tuple[slice, ...]
 
 
 class FieldReader:
@@ -84,18 +86,16 @@ class FieldReader:
             return _tree_fields(data)
         shape = text.count("<")
         for plan in self._plans.get(shape, ()):
-            match = plan.pattern.fullmatch(text)
-            if match is not None:
-                return _fields(plan, match.group(*plan.groups))
+            fields = _apply(plan, text)
+            if fields is not None:
+                return fields
         fields = _tree_fields(data)
         if isinstance(fields, Fields) and self._learned < _MAX_PLANS:
             plan = _plan(text)
             known = self._plans.setdefault(shape, [])
-            if plan is not None and len(known) < _PLANS_PER_SHAPE:
-                match = plan.pattern.fullmatch(text)
-                if match is not None and _fields(plan, match.group(*plan.groups)) == fields:
-                    known.append(plan)
-                    self._learned += 1
+            if plan is not None and len(known) < _PLANS_PER_SHAPE and _apply(plan, text) == fields:
+                known.append(plan)
+                self._learned += 1
         return fields
 
 
@@ -153,20 +153,24 @@ def _plan(text: str) -> _Plan | None:
     slots = [*header, *(slot for slots in objects for slot in slots)]
     return _Plan(
         root,
-        re.compile("".join(pieces)),
+        re.compile("".join(pieces)).fullmatch,
         tuple(slot if isinstance(slot, int) else 1 for slot in slots),
         {position: slot for position, slot in enumerate(slots) if not isinstance(slot, int)},
+        tuple(slice(start, start + 6) for start in range(3, len(slots), 6)),
     )
 
 
-def _fields(plan: _Plan, values: tuple[str | None, ...]) -> Fields:
+def _apply(plan: _Plan, text: str) -> Fields | None:
+    match = plan.fullmatch(text)
+    if match is None:
+        return None
+    values = match.group(*plan.groups)
     if plan.fixed:
         patched = list(values)
         for position, value in plan.fixed.items():
             patched[position] = value
         values = tuple(patched)
-    objects = [values[start : start + 6] for start in range(3, len(values), 6)]
-    return Fields(plan.root, values[0], values[1], values[2], objects)
+    return Fields(plan.root, values[0], values[1], values[2], list(map(values.__getitem__, plan.objects)))
 
 
 def _tree_fields(data: bytes) -> Fields | str:

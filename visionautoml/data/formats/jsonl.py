@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from functools import lru_cache
 from json.encoder import encode_basestring_ascii
 from operator import attrgetter
 from pathlib import Path
@@ -221,29 +222,28 @@ def render(
     """
     images = sorted(dataset.images, key=attrgetter("name"))
     relative = RelativePaths(out_dir)
-    label_prefixes: dict[str, str] = {}
     lines = []
     for image in images:
         url = f"images/{image.name}" if copy_images else relative(image.path)
-        fmt = format_name_for_suffix(image.name)
-        lines.append(_line(url, fmt, image.width, image.height, image.boxes, label_prefixes))
+        lines.append(_line(url, format_name_for_suffix(image.name), image.width, image.height, image.boxes))
     copies = {f"images/{image.name}": image.path for image in images} if copy_images else {}
     return Rendered({file_name: "".join(lines).encode()}, copies)
 
 
-def _line(url: str, fmt: str, width: int, height: int, boxes: list[Box], prefixes: dict[str, str]) -> str:
-    """One line, as ``json.dumps`` would write it; ``prefixes`` caches each label's encoded start."""
-    labels = []
-    for box in boxes:
-        prefix = prefixes.get(box.label)
-        if prefix is None:
-            prefix = prefixes[box.label] = f'{{"label": {encode_basestring_ascii(box.label)}, "topX": '
-        labels.append(
-            f'{prefix}{box.xmin / width!r}, "topY": {box.ymin / height!r}, "bottomX": {box.xmax / width!r}, '
-            f'"bottomY": {box.ymax / height!r}, "isCrowd": {1 if box.iscrowd else 0}}}'
-        )
+def _line(url: str, fmt: str, width: int, height: int, boxes: list[Box]) -> str:
+    """One line, byte for byte as ``json.dumps`` would write it."""
+    labels = [
+        f'{{"label": {_json_string(box.label)}, "topX": {box.xmin / width!r}, "topY": {box.ymin / height!r}, '
+        f'"bottomX": {box.xmax / width!r}, "bottomY": {box.ymax / height!r}, "isCrowd": {int(box.iscrowd)}}}'
+        for box in boxes
+    ]
     return (
-        f'{{"image_url": {encode_basestring_ascii(url)}, "image_details": {{"format": '
-        f'{encode_basestring_ascii(fmt)}, "width": {width}, "height": {height}}}, '
-        f'"label": [{", ".join(labels)}]}}\n'
+        f'{{"image_url": {encode_basestring_ascii(url)}, "image_details": {{"format": {_json_string(fmt)}, '
+        f'"width": {width}, "height": {height}}}, "label": [{", ".join(labels)}]}}\n'
     )
+
+
+@lru_cache(maxsize=4096)
+def _json_string(text: str) -> str:
+    """Labels and formats repeat on every line: encode each once."""
+    return encode_basestring_ascii(text)

@@ -9,7 +9,6 @@ strings and sets and never opens an image unless the XML has no size.
 
 from __future__ import annotations
 
-import math
 import os
 import posixpath
 from pathlib import Path
@@ -55,7 +54,7 @@ def read(path: Path, problems: ProblemLog, *, datastore_root: Path | None = None
         raise DataError(f"{path}: not a Pascal VOC folder; expected annotations/*.xml beside images/")
     annotation_dir, image_dir = found
     xml_names = [name for name in list_files(annotation_dir) if name.lower().endswith(".xml")]
-    image_names = {name for name in list_files(image_dir) if is_image_name(name)}
+    image_names = set(list_files(image_dir))
     reader = FieldReader()
     records: list[ImageRecord] = []
     with collector_paused():
@@ -75,7 +74,8 @@ def read(path: Path, problems: ProblemLog, *, datastore_root: Path | None = None
                 records.append(record)
     annotated = {name[:-4] for name in xml_names}
     for name in sorted(name for name in image_names if name.rpartition(".")[0] not in annotated):
-        problems.warning(image_dir / name, "image has no annotation file; it is left out")
+        if is_image_name(name):
+            problems.warning(image_dir / name, "image has no annotation file; it is left out")
     return Dataset(records, classes_in_order_of_appearance(records))
 
 
@@ -95,6 +95,38 @@ def _read_bytes(path: str) -> bytes:
 
 
 def _record(
+    fields: Fields, xml_path: str, name: str, image_dir: Path, image_names: set[str], problems: ProblemLog
+) -> ImageRecord | None:
+    """The record of a plain, valid annotation, checked inline (the hot path of large conversions).
+
+    Anything unusual -- a problem to report, a nested path, a size to read from the image --
+    goes through :func:`_checked_record`, which gives the same result or says what is wrong.
+    """
+    root, filename, width_text, height_text, objects = fields
+    if root == "annotation" and filename and "/" not in name and filename in image_names:
+        try:
+            width, height = int(width_text), int(height_text)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            width = height = 0
+        boxes: list[Box] = []
+        if width > 0 and height > 0 and "/" not in filename and filename == filename.strip():
+            for label, difficult, x0, y0, x1, y1 in objects:
+                try:
+                    xmin, ymin, xmax, ymax = float(x0), float(y0), float(x1), float(y1)  # type: ignore[arg-type]
+                except (TypeError, ValueError):
+                    break
+                label = label.strip() if label else ""
+                if not (
+                    0 <= xmin < xmax <= width and 0 <= ymin < ymax <= height and label and difficult in _FLAGS
+                ):
+                    break
+                boxes.append(Box(xmin, ymin, xmax, ymax, label, difficult == "1"))
+            else:
+                return ImageRecord(filename, image_dir / filename, width, height, boxes, xml_path)
+    return _checked_record(fields, xml_path, name, image_dir, image_names, problems)
+
+
+def _checked_record(
     fields: Fields, xml_path: str, name: str, image_dir: Path, image_names: set[str], problems: ProblemLog
 ) -> ImageRecord | None:
     if fields.root != "annotation":
@@ -134,17 +166,8 @@ def _record(
         )
         width, height = info.width, info.height
     boxes: list[Box] = []
-    for index, values in enumerate(fields.objects, start=1):
-        label, difficult = values[0].strip() if values[0] else "", values[1]
-        try:
-            xmin, ymin, xmax, ymax = map(float, values[2:])  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            xmin = ymin = xmax = ymax = math.nan
-        # The common case is checked inline; anything else goes the slow way, for its message.
-        if 0 <= xmin < xmax <= width and 0 <= ymin < ymax <= height and label and difficult in _FLAGS:
-            boxes.append(Box(xmin, ymin, xmax, ymax, label, difficult == "1"))
-            continue
-        box = _box(xml_path, index, label, difficult, values[2:], width, height, problems)
+    for index, (label, difficult, *coordinates) in enumerate(fields.objects, start=1):
+        box = _box(xml_path, index, (label or "").strip(), difficult, coordinates, width, height, problems)
         if box is not None:
             boxes.append(box)
     return ImageRecord(image_name, image_path, width, height, boxes, xml_path)
@@ -155,7 +178,7 @@ def _box(
     index: int,
     label: str,
     difficult: str | None,
-    coordinates: tuple[str | None, ...],
+    coordinates: list[str | None],
     width: int,
     height: int,
     problems: ProblemLog,

@@ -1,0 +1,175 @@
+"""Search spaces: grid, random and Optuna sampling of conditional sub-spaces; validation; automatic mode."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from visionautoml.automl import space
+from visionautoml.config import ParameterDistribution, TrainingParameters, parse_config
+from visionautoml.errors import ConfigError
+
+SSD, FRCNN = "ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"
+ZOO_NAMES = [SSD, FRCNN, "fcos_resnet50_fpn", "fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn"]
+
+
+def subspaces(raw: list[dict]) -> list[space.SubSpace]:
+    return parse_config({"search_space": raw}).search_space
+
+
+CONDITIONAL = subspaces(
+    [
+        {
+            "model_name": {"type": "choice", "values": [SSD]},
+            "learning_rate": {"type": "loguniform", "min_value": 0.0005, "max_value": 0.01},
+            "training_batch_size": {"type": "quniform", "min_value": 2, "max_value": 8, "q": 2},
+        },
+        {
+            "model_name": {"type": "choice", "values": [FRCNN, "fcos_resnet50_fpn"]},
+            "optimizer": {"type": "choice", "values": ["sgd", "adamw"]},
+        },
+    ]
+)
+
+
+def test_grid_runs_every_combination_of_each_subspace_in_order():
+    grid = subspaces(
+        [
+            {
+                "model_name": {"type": "choice", "values": [SSD]},
+                "learning_rate": {"type": "choice", "values": [0.1, 0.2]},
+            },
+            {
+                "model_name": {"type": "choice", "values": [FRCNN]},
+                "optimizer": {"type": "choice", "values": ["sgd", "adam"]},
+            },
+        ]
+    )
+    plan = space.plan_search(grid, "grid", max_trials=10, seed=0)
+    assert plan.trials == [
+        {"model_name": SSD, "learning_rate": 0.1},
+        {"model_name": SSD, "learning_rate": 0.2},
+        {"model_name": FRCNN, "optimizer": "sgd"},
+        {"model_name": FRCNN, "optimizer": "adam"},
+    ]
+    assert plan.notes == []
+    capped = space.plan_search(grid, "grid", max_trials=3, seed=0)
+    assert len(capped.trials) == 3 and "4 combinations" in capped.notes[0]
+
+
+def test_grid_refuses_continuous_distributions_naming_them():
+    with pytest.raises(ConfigError, match=r"search_space\[0\]\.learning_rate \(loguniform\)"):
+        space.plan_search(CONDITIONAL, "grid", max_trials=4, seed=0)
+
+
+def test_random_samples_a_subspace_then_only_its_parameters_reproducibly():
+    plan = space.plan_search(CONDITIONAL, "random", max_trials=40, seed=3)
+    assert plan.trials == space.plan_search(CONDITIONAL, "random", max_trials=40, seed=3).trials
+    assert plan.trials != space.plan_search(CONDITIONAL, "random", max_trials=40, seed=4).trials
+    kinds = {trial["model_name"] for trial in plan.trials}
+    assert kinds == {SSD, FRCNN, "fcos_resnet50_fpn"}
+    for trial in plan.trials:
+        if trial["model_name"] == SSD:
+            assert set(trial) == {"model_name", "learning_rate", "training_batch_size"}
+            assert 0.0005 <= trial["learning_rate"] <= 0.01
+            assert trial["training_batch_size"] in (2, 4, 6, 8)
+            assert isinstance(trial["training_batch_size"], int)
+        else:
+            assert set(trial) == {"model_name", "optimizer"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    low=st.floats(1e-5, 10, allow_nan=False),
+    span=st.floats(1.01, 1000, allow_nan=False),
+    kind=st.sampled_from(["uniform", "loguniform"]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_values_stay_within_their_bounds(low, span, kind, seed):
+    distribution = ParameterDistribution(type=kind, min_value=low, max_value=low * span)
+    for trial in space.sample_random([{"momentum": distribution}], 5, seed):
+        assert low <= trial["momentum"] <= low * span
+
+
+def test_every_distribution_type_samples_values_of_its_kind():
+    kinds = subspaces(
+        [
+            {
+                "warmup_cosine_lr_cycles": {"type": "normal", "mu": 0.5, "sigma": 0.01},
+                "learning_rate": {"type": "lognormal", "mu": math.log(0.01), "sigma": 0.1},
+                "step_lr_step_size": {"type": "randint", "lower": 2, "upper": 5},
+                "min_size": {"type": "qloguniform", "min_value": 320, "max_value": 640, "q": 32},
+            }
+        ]
+    )
+    for trial in space.plan_search(kinds, "random", max_trials=30, seed=1).trials:
+        assert 0.4 < trial["warmup_cosine_lr_cycles"] < 0.6
+        assert 0 < trial["learning_rate"] < 0.1
+        assert trial["step_lr_step_size"] in (2, 3, 4)
+        assert trial["min_size"] % 32 == 0 and 320 <= trial["min_size"] <= 640
+
+
+def test_optuna_space_samples_conditional_subspaces():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    define = space.OptunaSpace(CONDITIONAL)
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        params = define(trial)["params"]
+        seen.add(params["model_name"])
+        index = trial.params["subspace"]
+        assert set(params) == set(CONDITIONAL[index])
+        # Each sub-space's parameters are Optuna parameters of their own.
+        assert {name for name in trial.params if name != "subspace"} == {f"{index}:{name}" for name in params}
+        study.tell(trial, 0.5)
+    assert seen == {SSD, FRCNN, "fcos_resnet50_fpn"}
+
+
+def test_validation_names_the_bad_parameter_and_value():
+    bad = subspaces(
+        [
+            {
+                "lerning_rate": {"type": "uniform", "min_value": 0.1, "max_value": 0.2},
+                "optimizer": {"type": "choice", "values": ["sgd", "adan"]},
+                "model_name": {"type": "choice", "values": [SSD, "yolo_v99"]},
+            }
+        ]
+    )
+    with pytest.raises(ConfigError) as error:
+        space.validate_space(bad, TrainingParameters(), ZOO_NAMES)
+    message = str(error.value)
+    assert "search_space[0].lerning_rate: not a training parameter" in message
+    assert "search_space[0].optimizer: value 'adan' is invalid" in message
+    assert "search_space[0].model_name: unknown model(s) yolo_v99" in message
+    with pytest.raises(ConfigError, match="min_value > 0"):
+        space.plan_search(
+            subspaces([{"learning_rate": {"type": "loguniform", "min_value": 0, "max_value": 0.1}}]),
+            "random",
+            1,
+            0,
+        )
+
+
+def test_automatic_space_picks_light_models_on_cpu_and_strong_ones_on_gpu():
+    cpu = space.automatic_space(image_count=200, gpus=0, available_models=ZOO_NAMES)
+    models = [value for subspace in cpu for value in subspace["model_name"].values]
+    assert models == [SSD, FRCNN]
+    assert all("weight_decay" in subspace for subspace in cpu)
+    assert cpu[0]["training_batch_size"].values == [2, 4]
+    gpu = space.automatic_space(image_count=5000, gpus=1, available_models=ZOO_NAMES)
+    gpu_models = [value for subspace in gpu for value in subspace["model_name"].values]
+    assert gpu_models == ["fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn"]
+    assert all("weight_decay" not in subspace for subspace in gpu)
+    space.validate_space(cpu + gpu, TrainingParameters(), ZOO_NAMES)
+    with pytest.raises(ConfigError, match="automatic search space"):
+        space.automatic_space(image_count=10, gpus=0, available_models=["ssd300_vgg16"])
+
+
+def test_trial_parameters_override_the_fixed_ones():
+    fixed = TrainingParameters(number_of_epochs=3, learning_rate=0.01)
+    params = space.trial_parameters(fixed, {"learning_rate": 0.002, "model_name": SSD})
+    assert (params.number_of_epochs, params.learning_rate, params.model_name) == (3, 0.002, SSD)
