@@ -5,7 +5,9 @@ Part 1 runs each detector per image, one image at a time as a scoring service do
 PyTorch ``Predictor`` (the baseline), on the same images: raccoon photos when present, else
 generated ones. Weights are random (no pretrained files offline), slightly perturbed so no two
 boxes tie on score; the architecture, input size and post-processing, which set the cost, are
-the real ones. Backends alternate, median of ``--repeat`` passes.
+the real ones. Backends alternate, median of ``--repeat`` passes. One thread per inference by
+default, as the service runs it (cores / ``--concurrency``): on a shared machine more OpenMP
+threads than free cores spin at barriers and multiply PyTorch's CPU time.
 
 Part 2 starts ``visionautoml serve`` twice on 127.0.0.1, once on the ONNX export and once with
 ``--backend pytorch`` (the baseline), and drives each with a closed-loop load generator: 1, 4
@@ -36,8 +38,17 @@ import torch
 from PIL import Image
 
 from visionautoml.config import TrainingParameters
-from visionautoml.deploy.export import export_saved_model, synthetic_images
-from visionautoml.deploy.runtime import EXPORT_SUBDIR, ExportSettings, OnnxPredictor, default_threads
+from visionautoml.deploy.export import (
+    GRAPH_SCORE_THRESHOLD,
+    OPSET,
+    ExportError,
+    export_detector,
+    export_saved_model,
+    score_threshold,
+    set_score_threshold,
+    synthetic_images,
+)
+from visionautoml.deploy.runtime import EXPORT_SUBDIR, ONNX_FILE, SETTINGS_FILE, ExportSettings, OnnxPredictor
 from visionautoml.models.imageio import decode_image_file
 from visionautoml.models.predictor import Predictor
 from visionautoml.models.saved import ModelSpec, save_model
@@ -75,6 +86,31 @@ def trained_looking_model(name: str, directory: Path) -> tuple[torch.nn.Module, 
     return module, spec
 
 
+def export_unchecked_if_needed(module: torch.nn.Module, spec: ModelSpec, directory: Path) -> tuple[Path, str]:
+    """The checked export; else the same graph unchecked, since latency does not depend on the weights.
+
+    Random weights leave overlapping boxes with near-equal scores (neighbouring anchors see
+    the same noise), so a rounding difference upstream can make NMS keep the other box of a
+    pair and the parity check fails for reasons a trained model does not have.
+    """
+    settings = ExportSettings.from_spec(spec)
+    try:
+        result = export_saved_model(
+            module, settings, directory, synthetic_images(), sample_source="synthetic"
+        )
+        return result.directory, result.parity.summary()
+    except ExportError as error:
+        directory.mkdir(parents=True)
+        original = score_threshold(module)
+        set_score_threshold(module, GRAPH_SCORE_THRESHOLD)
+        sample = synthetic_images()[0].float() / 255
+        outputs = export_detector(module, directory / ONNX_FILE, sample, model_name=spec.model_name)
+        set_score_threshold(module, original)
+        graph = settings.with_graph(outputs=outputs, opset=OPSET, graph_score_threshold=GRAPH_SCORE_THRESHOLD)
+        (directory / SETTINGS_FILE).write_text(graph.to_json())
+        return directory, f"random weights, exported unchecked: {str(error).split(': ', 1)[1]}"
+
+
 def per_image(
     predict: Callable[[list[torch.Tensor]], object], images: list[torch.Tensor]
 ) -> tuple[float, float]:
@@ -86,8 +122,9 @@ def per_image(
     return (time.perf_counter() - wall) * 1000 / count, (time.process_time() - cpu) * 1000 / count
 
 
-def bench_models(models: list[str], images: list[torch.Tensor], repeat: int, root: Path) -> dict[str, Path]:
-    threads = default_threads()
+def bench_models(
+    models: list[str], images: list[torch.Tensor], repeat: int, threads: int, root: Path
+) -> dict[str, Path]:
     torch.set_num_threads(threads)
     saved: dict[str, Path] = {}
     print(f"\nper-image latency, {threads} threads each, median of {repeat} passes (ms)\n")
@@ -97,16 +134,10 @@ def bench_models(models: list[str], images: list[torch.Tensor], repeat: int, roo
     for name in models:
         directory = root / name
         module, spec = trained_looking_model(name, directory)
-        export = export_saved_model(
-            module,
-            ExportSettings.from_spec(spec),
-            directory / EXPORT_SUBDIR,
-            synthetic_images(),
-            sample_source="synthetic",
-        )
+        export, parity = export_unchecked_if_needed(module, spec, directory / EXPORT_SUBDIR)
         contenders = {
             "pytorch eager": Predictor(module, spec, batch_size=1).predict,
-            "onnxruntime": OnnxPredictor(export.directory, intra_op_threads=threads).predict,
+            "onnxruntime": OnnxPredictor(export, intra_op_threads=threads).predict,
         }
         for predict in contenders.values():
             predict(images[:2])
@@ -124,7 +155,7 @@ def bench_models(models: list[str], images: list[torch.Tensor], repeat: int, roo
                 f"{name:<38} {backend:<13} {wall[backend]:>7.1f} {wall_ratio:>8.2f}x "
                 f"{cpu[backend]:>7.1f} {cpu_ratio:>8.2f}x   {listed}"
             )
-        print(f"{'':<38} parity: {export.parity.summary()}")
+        print(f"{'':<38} {parity}")
         saved[name] = directory
     return saved
 
@@ -222,13 +253,19 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: raccoon)")
     parser.add_argument("--count", type=int, default=10, help="images per pass")
     parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads per inference in part 1 (the service's: cores / concurrency)",
+    )
     args = parser.parse_args()
 
     paths, described = sample_images(args.images, args.count)
     images = [decode_image_file(path) for path in paths]
     print(f"images: {described}; machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as root:
-        saved = bench_models(args.models.split(","), images, args.repeat, Path(root))
+        saved = bench_models(args.models.split(","), images, args.repeat, args.threads, Path(root))
         bench_service(saved[args.models.split(",")[0]], paths[0], args.requests)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 

@@ -208,28 +208,38 @@ def quality(args: argparse.Namespace) -> None:
     plot = Path(args.results).parent / "raccoon_quality.png"
     _plot(curve, plot, params, budget)
     table = "\n".join(f"{m:6.2f}  {e:5d}  {m50:.4f}  {mm:.4f}" for m, e, m50, mm in curve)
-    section = f"""
-## Raccoon quality in a fixed budget (`benchmarks/bench_train.py --quality`)
-
-`examples/raccoon-single.yaml` ({params.model_name}, pretrained {params.pretrained}, {params.optimizer}
-lr {params.learning_rate:g}, {params.learning_rate_scheduler}, image size {params.image_size}, batch
-{params.training_batch_size}, {params.number_of_epochs} epochs planned, max_minutes {params.max_minutes:g})
-from scratch on raccoon's every-5th split (160 training / 40 validation images). Time counts from the start
-(data reading and model building included). Plot: `benchmarks/{plot.name}`.
-
-- Command: `.venv/bin/python benchmarks/bench_train.py {" ".join(sys.argv[1:])}`
-- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC
-- Machine: {MACHINE} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)
-
-```
-minutes  epoch  mAP@0.5  mAP@[.5:.95]
-{table}
-```
-
-Best mAP@0.5 {best[2]:.4f} at {best[0]:.2f} min (epoch {best[1]}); stopped: {outcome.stop_reason} after
-{outcome.epochs_completed} epochs, {total:.2f} min in all. Goal: mAP@0.5 >= 0.65 within 10 minutes:
-{"met" if best[2] >= 0.65 and best[0] <= QUALITY_BUDGET_MINUTES else "NOT met"}.
-"""
+    recipe = (
+        f"{params.model_name}, pretrained {params.pretrained}, {params.optimizer} "
+        f"lr {params.learning_rate:g}, {params.learning_rate_scheduler}, image size {params.image_size}, "
+        f"batch {params.training_batch_size}, {params.number_of_epochs} epochs planned, "
+        f"max_minutes {params.max_minutes:g}"
+    )
+    verdict = "met" if best[2] >= 0.65 and best[0] <= QUALITY_BUDGET_MINUTES else "NOT met"
+    section = "\n".join(
+        [
+            "",
+            "## Raccoon quality in a fixed budget (`benchmarks/bench_train.py --quality`)",
+            "",
+            f"`examples/raccoon-single.yaml` ({recipe}) from scratch on raccoon's every-5th split",
+            "(160 training / 40 validation images). Time counts from the start (data reading and model",
+            "building included).",
+            f"Plot: `{plot.name}`.",
+            "",
+            f"- Command: `.venv/bin/python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`",
+            f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+            f"- Machine: {MACHINE} ({platform.machine()}, {torch.get_num_threads()} torch threads)",
+            "",
+            "```",
+            "minutes  epoch  mAP@0.5  mAP@[.5:.95]",
+            table,
+            "```",
+            "",
+            f"Best mAP@0.5 {best[2]:.4f} at {best[0]:.2f} min (epoch {best[1]}); "
+            f"stopped: {outcome.stop_reason} after {outcome.epochs_completed} epochs, {total:.2f} min.",
+            f"Goal (mAP@0.5 >= 0.65 within 10 minutes): {verdict}.",
+            "",
+        ]
+    )
     with Path(args.results).open("a", encoding="utf-8") as results:
         results.write(section)
     print(section)

@@ -16,8 +16,9 @@ from PIL import Image
 
 from visionautoml.data.annotations import Box, Dataset, ImageRecord
 from visionautoml.data.formats import FORMATS, detect_format, read_dataset, write_dataset
-from visionautoml.data.formats._vocxml import FieldReader, _tree_fields
+from visionautoml.data.formats._vocxml import FieldReader, Fields, _tree_fields
 from visionautoml.data.formats.jsonl import _line
+from visionautoml.data.formats.voc import _checked_record, _record
 from visionautoml.data.problems import ProblemLog
 from visionautoml.errors import DataError
 
@@ -211,6 +212,12 @@ def test_voc_fast_path_is_taken_and_malformed_twins_are_still_caught() -> None:
     assert reader._learned == 1
     twin = good.replace(b"a.jpg", b"b.jpg")
     assert reader.read(twin).filename == "b.jpg"
+    assert reader._learned == 1, "the twin was read by the learned plan"
+    windows = b'\xef\xbb\xbf<?xml version="1.0" encoding="utf-8"?>\r\n' + good.replace(b"><", b">\r\n<")
+    for name in (b"c.jpg", b"d.jpg"):
+        document = windows.replace(b"a.jpg", name)
+        assert reader.read(document) == _tree_fields(document)
+    assert reader._learned == 2, "a declaration and CRLF line ends are part of the skeleton"
     for broken in (
         good.replace(b"a.jpg", b"a & b"),
         good.replace(b"a.jpg", b"a\x01b"),
@@ -220,6 +227,34 @@ def test_voc_fast_path_is_taken_and_malformed_twins_are_still_caught() -> None:
         good.replace(b"a.jpg", b"\xff\xfe"),
     ):
         assert isinstance(reader.read(broken), str), broken
+
+
+TEXTS = st.sampled_from(["0", "1", " 2 ", "2.5", "10", "64", "48", "", "x", "-1", "nan", "inf", "1e1", None])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["annotation", "other"]),
+    st.sampled_from(["a.jpg", " a.jpg ", "sub/b.jpg", "../a.jpg", "missing.jpg", "", None]),
+    TEXTS,
+    TEXTS,
+    st.lists(
+        st.tuples(
+            st.sampled_from(["cat", " cat ", "", None]), st.sampled_from(["0", "1", " 1", "2", None])
+        ).flatmap(lambda head: st.tuples(*(st.just(part) for part in head), TEXTS, TEXTS, TEXTS, TEXTS)),
+        max_size=3,
+    ),
+)
+def test_voc_record_fast_path_agrees_with_the_checked_path(
+    root: str, filename: str | None, width: str | None, height: str | None, objects: list[tuple]
+) -> None:
+    fields = Fields(root, filename, width, height, objects)
+    images = Path("/data/images")
+    names = {name: images / name for name in ("a.jpg", "sub/b.jpg")}
+    fast, checked = ProblemLog(), ProblemLog()
+    record = _record(fields, "/data/annotations/a.xml", "a.xml", images, names, fast)
+    assert record == _checked_record(fields, "/data/annotations/a.xml", "a.xml", images, names, checked)
+    assert fast.problems == checked.problems
 
 
 # --- JSONL -----------------------------------------------------------------------------------

@@ -178,11 +178,18 @@ DRIVER = textwrap.dedent(
     import json, sys
     import ray
     from test_sweep import toy_trial
+    from visionautoml.automl.compute import ComputeError, join_cluster
     from visionautoml.automl.sweep import run_sweep
     from visionautoml.config import parse_config
 
     config, out = json.loads(sys.argv[1]), sys.argv[2]
-    run_sweep(parse_config(config), trial_fn=toy_trial, output_json=out)
+    job = parse_config(config)
+    run_sweep(job, trial_fn=toy_trial, output_json=out)
+    too_many = job.compute.model_copy(update={"min_nodes": 3, "wait_timeout_minutes": 0.05})
+    try:
+        join_cluster(too_many)
+    except ComputeError as error:
+        open(out + ".refused", "w").write(str(error))
     ray.init(address=config["compute"]["address"], log_to_driver=False)
     nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
     ray.shutdown()
@@ -226,12 +233,20 @@ def test_trials_run_on_both_nodes_and_a_too_small_cluster_times_out(cluster, tmp
     assert sorted(trial["node_id"] for trial in report["trials"]) == nodes
     assert report["registered_model"]["aliases"] == ["candidate"]
 
-    too_small = {**config, "compute": {**config["compute"], "min_nodes": 3, "wait_timeout_minutes": 0.05}}
-    (tmp_path / "too-small.yaml").write_text(json.dumps(too_small))
-    refused = cluster.exec(
-        str(VENV_BIN / "visionautoml"), "train", str(tmp_path / "too-small.yaml"), timeout_s=120
-    )
-    assert refused.returncode == 1, refused.stdout + refused.stderr
-    assert "did not offer 3 node(s) and 0 GPU(s)" in refused.stderr
-    assert "it has 2 node(s), 2 CPU(s)" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    refused = Path(f"{out}.refused").read_text()
+    assert "did not offer 3 node(s) and 0 GPU(s) within compute.wait_timeout_minutes=0.05" in refused
+    assert "it has 2 node(s), 2 CPU(s)" in refused
+
+
+def test_the_cluster_template_is_valid_and_scales_gpu_workers_like_the_original():
+    import jsonschema
+    import ray
+    import yaml
+
+    template = yaml.safe_load((REPO_ROOT / "deploy" / "ray-cluster.yaml").read_text())
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(template, schema)
+    workers = template["available_node_types"]["gpu_worker"]
+    assert (workers["min_workers"], workers["max_workers"], template["idle_timeout_minutes"]) == (0, 4, 30)
+    assert workers["resources"]["GPU"] >= 1
+    assert template["available_node_types"][template["head_node_type"]]["resources"] == {"CPU": 0}

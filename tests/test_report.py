@@ -24,7 +24,7 @@ from conftest import make_voc_dataset
 from mlflow import MlflowClient
 from PIL import Image
 
-from visionautoml.automl.report import build_sweep_report
+from visionautoml.automl.report import build_sweep_report, report_after_sweep
 from visionautoml.cli import main
 from visionautoml.config import TrainingParameters
 from visionautoml.data.formats import read_dataset
@@ -313,11 +313,17 @@ def test_a_single_trial_run_gets_its_config_curves_and_plots(store, tmp_path):
     assert summary[f"best {PRIMARY}"] == f"{store['metrics'][PRIMARY]:.4f}"
 
 
-def test_the_report_is_logged_to_the_parent_run_on_request(store, tmp_path):
+def test_after_a_sweep_the_report_is_logged_to_the_parent_run_and_never_fails_it(
+    store, tmp_path, monkeypatch, caplog
+):
     client = store["client"]
-    path = build_sweep_report(store["parent"], tmp_path / "a.html", client, log_artifact=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(client.tracking_uri))
+    path = report_after_sweep(store["parent"], tmp_path / "sweeps" / "report.html")
     logged = client.download_artifacts(store["parent"], "report.html", str(tmp_path / "download"))
     assert Path(logged).read_bytes() == path.read_bytes()
+
+    assert report_after_sweep("0" * 32, tmp_path / "none.html") is None
+    assert "could not write the sweep report" in caplog.text and not (tmp_path / "none.html").exists()
 
 
 def test_an_unknown_run_is_a_clear_error(store, tmp_path):

@@ -371,16 +371,16 @@ def test_a_real_sweep_trains_two_models_and_registers_the_better(local_ray, trac
     job = make_job(
         tmp_path,
         tracking_uri,
+        # Small inputs keep two real detectors' epoch to seconds on a CPU.
         training_parameters={
-            "number_of_epochs": 2,
+            "number_of_epochs": 1,
             "pretrained": "none",
             "training_batch_size": 4,
-            "early_stopping": False,
+            "image_size": 96,
+            "min_size": 64,
+            "max_size": 96,
         },
-        sweep={
-            "sampling_algorithm": "grid",
-            "early_termination": {"type": "bandit", "slack_factor": 0.5, "delay_evaluation": 1},
-        },
+        sweep={"sampling_algorithm": "grid"},
         limits={"max_trials": 2, "max_concurrent_trials": 2, "trial_timeout_minutes": 5},
         search_space=[{"model_name": {"type": "choice", "values": MODELS}}],
     )
@@ -388,9 +388,9 @@ def test_a_real_sweep_trains_two_models_and_registers_the_better(local_ray, trac
     result = run_sweep(job, console=console)
 
     assert {trial.params["model_name"] for trial in result.trials} == set(MODELS)
-    assert all(trial.state in ("completed", "early_terminated") for trial in result.trials)
+    assert [trial.state for trial in result.trials] == ["completed", "completed"]
     best = result.best
-    assert best.state == "completed" and best.epoch == 2
+    assert best.epoch == 1 and best.run_id and best.model_uri
     version = registry.get_version(job.register.model_name, alias="candidate")
     assert version.run_id == best.run_id
     assert version.tags["model_name"] == best.params["model_name"]

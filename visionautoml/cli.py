@@ -110,6 +110,7 @@ def data_validate(
     * `visionautoml data validate data/raccoon --classes raccoon --strict`
     * `visionautoml data validate train_annotations.jsonl --datastore-root ./datastore --json`
     """
+    from rich.markup import escape
     from rich.progress import Progress
 
     from visionautoml.data.validate import validate_dataset
@@ -132,8 +133,8 @@ def data_validate(
         colour = "red" if report.failed(strict) else "green"
         console.print(
             f"[{colour}]{report.format}: {len(report.dataset.images)} usable images, "
-            f"{report.dataset.box_count} boxes, {len(report.dataset.classes)} classes "
-            f"({', '.join(report.dataset.classes)}); {errors} errors, {warnings} warnings[/]",
+            f"{report.dataset.box_count} boxes, classes: {escape(', '.join(report.dataset.classes))}; "
+            f"{errors} errors, {warnings} warnings[/]",
             soft_wrap=True,
         )
     if report.failed(strict):
@@ -207,9 +208,11 @@ def data_convert(
         err_console.print(_problem_table(result.warnings, source, "warnings", limit=20))
     split = f", {result.validation_images} for validation" if result.validation_images else ""
     console.print(
-        f"{to}: {result.train_images} training images{split}, {len(result.classes)} classes "
-        f"({', '.join(result.classes)}); wrote {', '.join(str(path) for path in result.outputs)}",
+        f"{to}: {result.train_images} training images{split}, classes: {', '.join(result.classes)}; "
+        f"wrote {', '.join(str(path) for path in result.outputs)}",
         soft_wrap=True,
+        markup=False,
+        highlight=False,
     )
 
 

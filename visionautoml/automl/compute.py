@@ -9,6 +9,7 @@ original flow's wait for its autoscaling GPU cluster), showing what it has meanw
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -69,6 +70,8 @@ def start_local_ray(*, num_cpus: int | None = None, temp_dir: str | None = None)
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # Ray warns that it turned token authentication on, which is what is wanted here.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=False,

@@ -22,6 +22,7 @@ The page itself is :mod:`visionautoml.data.overview`'s: self-contained, escaped,
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -44,17 +45,30 @@ from visionautoml.data.overview import (
     image_html,
     image_uri,
     note,
+    palette,
     render_page,
     write_page,
 )
 from visionautoml.errors import TrackingError
-from visionautoml.tracking.auth import scrub_credentials, server_name
+from visionautoml.tracking.auth import scrub_credentials, scrubbed_tracking_errors, server_name
 from visionautoml.tracking.registry import PRIMARY_METRIC, TRAINING_DATASET_TAG, VALIDATION_DATASET_TAG
+
+log = logging.getLogger(__name__)
 
 REPORT_ARTIFACT = "report.html"
 PLOTS_ARTIFACT_DIR = "evaluation/plots"
 METRICS_ARTIFACT = "evaluation/metrics.json"
 LOSS_METRIC = "loss"
+SUMMARY_METRICS = (
+    "mean_average_precision",
+    "map",
+    "map_50",
+    "map_75",
+    "map_voc",
+    "mar_100",
+    "precision",
+    "recall",
+)
 COMPLETED, EARLY_TERMINATED, FAILED, INTERRUPTED = "completed", "early_terminated", "failed", "interrupted"
 STATE_COLOURS = {COMPLETED: "#1a7f37", EARLY_TERMINATED: "#d4a72c", FAILED: "#cf222e"}
 # The diagnostics of training/plots.py, the drawn predictions first: what a person looks at first.
@@ -75,7 +89,6 @@ class Trial:
     run_id: str
     number: int
     state: str
-    status: str
     params: dict[str, str]
     tags: dict[str, str]
     metrics: dict[str, float]
@@ -96,7 +109,6 @@ def build_sweep_report(
     regenerating a report later leaves the tracking store as it was.
     """
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = client or MlflowClient()
@@ -105,8 +117,8 @@ def build_sweep_report(
         raise TrackingError(
             f"'{parent_run_id}' is not an MLflow run id (32 hex digits, as `mlflow ui` shows)"
         )
-    try:
-        run = client.get_run(parent_run_id)
+    with scrubbed_tracking_errors(uri):
+        run = _get_run(client, parent_run_id, uri)
         children = _child_runs(client, run)
         if children or run.data.tags.get("visionautoml.kind") == "sweep":
             page = _sweep_page(client, run, children, uri)
@@ -118,17 +130,37 @@ def build_sweep_report(
                 copy = Path(folder) / REPORT_ARTIFACT
                 copy.write_bytes(path.read_bytes())
                 client.log_artifact(parent_run_id, str(copy))
-    except MlflowException as error:
-        if getattr(error, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-            raise TrackingError(
-                f"run {parent_run_id} is not in the tracking store {uri}; check the run id, or point at "
-                "the store that holds it (--tracking-uri, --workspace or MLFLOW_TRACKING_URI)"
-            ) from None
-        raise TrackingError(f"tracking store {uri}: {scrub_credentials(str(error))}") from None
     return path
 
 
+def report_after_sweep(parent_run_id: str, out_path: str | Path) -> Path | None:
+    """What ``run_sweep`` calls at its end: the report written and logged to the parent run.
+
+    The report is a help, not the sweep's result: a failure to build it is logged as a warning
+    (with its traceback) and never fails a sweep whose models are already trained.
+    """
+    try:
+        return build_sweep_report(parent_run_id, out_path, log_artifact=True)
+    except Exception:
+        log.warning("could not write the sweep report %s", out_path, exc_info=True)
+        return None
+
+
 # --- reading the tracking store -------------------------------------------------------------------
+
+
+def _get_run(client: Any, run_id: str, uri: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    raise TrackingError(
+        f"run {run_id} is not in the tracking store {uri}; check the run id, or point at the store "
+        "that holds it (--tracking-uri, --workspace or MLFLOW_TRACKING_URI)"
+    )
 
 
 def _child_runs(client: Any, run: Any) -> list[Any]:
@@ -161,7 +193,6 @@ def _trials(client: Any, runs: Sequence[Any], primary: str) -> list[Trial]:
                 run_id=run.info.run_id,
                 number=_tune_number(run) or position,
                 state=tags.get("trial_state") or _state_of(run.info.status),
-                status=run.info.status,
                 params=dict(run.data.params),
                 tags=tags,
                 metrics=metrics,
@@ -182,7 +213,7 @@ def _tune_number(run: Any) -> int | None:
 
 
 def _state_of(status: str) -> str:
-    return {"FINISHED": COMPLETED, "FAILED": FAILED, "KILLED": EARLY_TERMINATED}.get(status, status.lower())
+    return {"FINISHED": COMPLETED, "FAILED": FAILED}.get(status, status.lower())
 
 
 def _history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -321,10 +352,10 @@ def _sweep_curves(trials: Sequence[Trial], primary: str) -> str:
         return note(f"No trial logged {primary} per epoch.")
     keys = [primary] + ([LOSS_METRIC] if any(trial.curves.get(LOSS_METRIC) for trial in shown) else [])
     figure = Figure(figsize=(13, 4.6), layout="constrained")
-    palette = _palette(len(shown))
+    colours = palette(len(shown))
     for column, key in enumerate(keys):
         axes = figure.add_subplot(1, len(keys), column + 1)
-        for colour, trial in zip(palette, shown, strict=True):
+        for colour, trial in zip(colours, shown, strict=True):
             points = trial.curves.get(key) or []
             if not points:
                 continue
@@ -333,13 +364,13 @@ def _sweep_curves(trials: Sequence[Trial], primary: str) -> str:
             label = f"trial {trial.number} ({trial.state})"
             axes.plot(steps, values, style, marker=".", color=colour, label=label)
             if trial.state == EARLY_TERMINATED:
-                axes.plot(steps[-1], values[-1], "X", color="black", markersize=9)
+                axes.plot(steps[-1], values[-1], "X", color=colour, markeredgecolor="black", markersize=10)
         axes.set(xlabel="epoch", ylabel=key, title=f"{key} per epoch, every trial")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     figure.axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     missing = [str(trial.number) for trial in trials if trial not in shown]
-    text = "A black X marks where early termination stopped a trial; failed trials are dashed."
+    text = "An X marks where early termination stopped a trial; failed trials are dashed."
     if missing:
         text += f" No curve for trial(s) {', '.join(missing)}: they logged no evaluation."
     return image_html(figure_uri(figure), f"{primary} and loss per epoch for every trial") + note(text)
@@ -398,7 +429,7 @@ def _early_termination(run: Any, trials: Sequence[Trial], primary: str) -> str:
     settings = ", ".join(
         f"{key.split('.', 1)[1]} {value}"
         for key, value in sorted(params.items())
-        if key.startswith("early_termination.")
+        if key.startswith("early_termination.") and key != "early_termination.type"
     )
     intro = note(f"Policy: {policy}" + (f" ({settings})." if settings else "."))
     stopped = [trial for trial in trials if trial.state == EARLY_TERMINATED]
@@ -430,12 +461,8 @@ def _best_model(client: Any, best: Trial | None, primary: str) -> str:
 
 
 def _metrics_table(metrics: dict[str, float]) -> str:
-    """The best epoch's scalar metrics, as the trainer logged them (``best_*``)."""
-    rows = [
-        (key.removeprefix("best_"), _number(value))
-        for key, value in sorted(metrics.items())
-        if key.startswith("best_")
-    ]
+    """The best epoch's headline metrics as the trainer logged them (``best_*``); per class further down."""
+    rows = [(key, _number(metrics[f"best_{key}"])) for key in SUMMARY_METRICS if f"best_{key}" in metrics]
     if not rows:
         return ""
     return "<h3>Metrics of the best epoch</h3>" + html_table(["metric", "value"], rows, numeric=["value"])
@@ -664,14 +691,6 @@ def _trial_configuration(client: Any, run: Any) -> str:
 
 
 # --- formatting -----------------------------------------------------------------------------------------
-
-
-def _palette(count: int) -> list[str]:
-    from matplotlib import colormaps
-    from matplotlib.colors import to_hex
-
-    palette = colormaps["tab10" if count <= 10 else "tab20"]
-    return [to_hex(palette(index % palette.N)) for index in range(count)]
 
 
 def _finite(value: Any) -> bool:

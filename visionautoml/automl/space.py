@@ -36,7 +36,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from visionautoml.config import JobConfig, ParameterDistribution, TrainingParameters
+from visionautoml.config import ParameterDistribution, TrainingParameters
 from visionautoml.errors import ConfigError
 
 SubSpace = dict[str, ParameterDistribution]
@@ -65,13 +65,6 @@ def searched_names(subspaces: list[SubSpace]) -> list[str]:
     for subspace in subspaces:
         names.update(dict.fromkeys(subspace))
     return list(names)
-
-
-def effective_space(job: JobConfig, *, image_count: int, gpus: float) -> tuple[list[SubSpace], bool]:
-    """The job's search space, or the automatic one; the flag says which."""
-    if job.search_space:
-        return list(job.search_space), False
-    return automatic_space(image_count=image_count, gpus=gpus), True
 
 
 def automatic_space(

@@ -36,6 +36,7 @@ from visionautoml.files import atomic_write_text
 
 TEMPLATE_FILE = "report_template.html"
 SAMPLE_SIDE = 320  # px: the longer side of a sample image, large enough to read its labels
+LONG_TEXT = 40  # characters: a table cell holding more is given the width of a short paragraph
 MAX_SCATTER_BOXES = 5000  # more points only slow the chart down without changing its picture
 
 
@@ -93,15 +94,15 @@ def html_table(
     numeric: Iterable[str] = (),
     row_classes: Sequence[str] | None = None,
 ) -> str:
-    """A table of plain values (escaped); cells of the ``numeric`` columns are right-aligned."""
+    """A table of plain values (escaped); cells of the ``numeric`` columns are right-aligned.
+
+    Cells of long text get room to wrap as prose instead of being squeezed one word a line.
+    """
     right = {columns.index(name) for name in numeric if name in columns}
     head = "".join(f"<th>{escape(name)}</th>" for name in columns)
     lines = []
     for number, row in enumerate(rows):
-        cells = "".join(
-            f'<td class="num">{escape(value)}</td>' if index in right else f"<td>{escape(value)}</td>"
-            for index, value in enumerate(row)
-        )
+        cells = "".join(_cell(value, index in right) for index, value in enumerate(row))
         css = f' class="{escape(row_classes[number])}"' if row_classes and row_classes[number] else ""
         lines.append(f"<tr{css}>{cells}</tr>")
     identity = f' id="{escape(table_id)}"' if table_id else ""
@@ -109,6 +110,11 @@ def html_table(
         f'<div class="scroll"><table{identity}><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(lines)}</tbody></table></div>"
     )
+
+
+def _cell(value: Any, numeric: bool) -> str:
+    css = "num" if numeric else "long" if len(str(value)) > LONG_TEXT else ""
+    return f'<td class="{css}">{escape(value)}</td>' if css else f"<td>{escape(value)}</td>"
 
 
 def figure_uri(figure: Figure) -> str:
@@ -131,12 +137,12 @@ def note(text: str) -> str:
     return f'<p class="note">{escape(text)}</p>'
 
 
-def class_colours(classes: Sequence[str]) -> dict[str, str]:
-    """The same colour for a class in every chart and sample image of a page."""
+def palette(count: int) -> list[str]:
+    """``count`` distinct colours (repeating past 20), the same on every page."""
     from matplotlib import colormaps
 
-    palette = colormaps["tab10" if len(classes) <= 10 else "tab20"]
-    return {label: to_hex(palette(index % palette.N)) for index, label in enumerate(classes)}
+    colours = colormaps["tab10" if count <= 10 else "tab20"]
+    return [to_hex(colours(index % colours.N)) for index in range(count)]
 
 
 # --- the dataset overview ------------------------------------------------------------------------
@@ -158,7 +164,7 @@ def overview_html(
     dataset: Dataset, stats: DatasetStats | None = None, *, samples: int = 8, source: str = ""
 ) -> str:
     stats = stats or compute_stats(dataset)
-    colours = class_colours(stats.classes)
+    colours = dict(zip(stats.classes, palette(len(stats.classes)), strict=True))
     sections = [
         Section("summary", "Summary", _summary(stats)),
         Section("classes", "Class balance", _class_balance(stats, colours)),
@@ -194,14 +200,14 @@ def _class_balance(stats: DatasetStats, colours: dict[str, str]) -> str:
         )
         for label in stats.classes
     ]
+    if not stats.classes:
+        return note("No classes: the dataset has no boxes.")
     table = html_table(
         ["class", "boxes", "share of boxes", "images", "share of images"],
         rows,
         table_id="class-table",
         numeric=["boxes", "share of boxes", "images", "share of images"],
     )
-    if not stats.classes:
-        return note("No classes: the dataset has no boxes.")
     counts = [stats.boxes_per_class, stats.images_per_class]
     figure = Figure(figsize=(10, max(2.4, 0.6 + 0.28 * len(stats.classes))), layout="constrained")
     for column, (title, values) in enumerate(
@@ -288,14 +294,15 @@ def _samples(dataset: Dataset, stats: DatasetStats, colours: dict[str, str], cou
     cards = []
     for image in chosen:
         labels = ", ".join(sorted({box.label for box in image.boxes}))
-        caption = f"{image.name}: {_plural(len(image.boxes), 'box')} ({labels})"
+        boxes = len(image.boxes)
+        caption = f"{image.name}: {boxes} {'box' if boxes == 1 else 'boxes'} ({labels})"
         try:
-            uri = image_uri(draw_boxes(image, colours), "image/jpeg")
+            uri = image_uri(_draw_boxes(image, colours), "image/jpeg")
         except OSError as error:
             cards.append(f"<figure>{note(f'{image.name}: unreadable ({error})')}</figure>")
             continue
         cards.append(image_html(uri, f"sample {image.name}", caption))
-    legend = "Each box is drawn in its class colour with the class name; every class appears at least once."
+    legend = "Boxes in their class's colour, with the class name; the samples cover as many classes as fit."
     return note(legend) + f'<div class="grid">{"".join(cards)}</div>'
 
 
@@ -324,7 +331,7 @@ def pick_samples(dataset: Dataset, classes: Sequence[str], count: int) -> list[I
     return sorted(chosen.values(), key=lambda image: image.name)
 
 
-def draw_boxes(image: ImageRecord, colours: dict[str, str]) -> bytes:
+def _draw_boxes(image: ImageRecord, colours: dict[str, str]) -> bytes:
     """The image, EXIF-upright and scaled to ``SAMPLE_SIDE``, with its boxes and labels, as JPEG bytes."""
     with Image.open(image.path) as opened:
         picture = ImageOps.exif_transpose(opened).convert("RGB")
@@ -346,12 +353,6 @@ def draw_boxes(image: ImageRecord, colours: dict[str, str]) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
-
-
-def _plural(count: int, word: str) -> str:
-    return (
-        f"{count} {word}" if count == 1 else f"{count} {word}es" if word.endswith("x") else f"{count} {word}s"
-    )
 
 
 def _share(count: int, total: int) -> str:

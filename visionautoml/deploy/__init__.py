@@ -1,4 +1,4 @@
-"""Getting a trained model to its users: ONNX export with a parity check, batch prediction, the scoring service.
+"""Getting a trained model to its users: ONNX export with a parity check, batch prediction, serving.
 
 ``runtime`` loads a model for inference (its ONNX export when there is one, else PyTorch),
 ``export`` writes and checks the export, ``predict`` scores folders of images and ``serve``

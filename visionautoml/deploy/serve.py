@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import io
 import json
@@ -26,7 +27,7 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -146,6 +147,7 @@ _SCORE_REQUEST_BODY: dict[str, Any] = {
 }
 
 _ERRORS = {
+    400: "a malformed multipart body or Content-Length",
     401: "missing or wrong API key",
     413: "body, image count or image pixels over the limit",
     415: "not an image, or not multipart/form-data or JSON",
@@ -196,7 +198,7 @@ def create_app(loaded: LoadedModel, settings: ServeSettings, api_key: str | None
     bearer = HTTPBearer(auto_error=False, description=f"the key in {API_KEY_ENV}")
     header_key = APIKeyHeader(name="x-api-key", auto_error=False, description=f"the key in {API_KEY_ENV}")
 
-    def authorise(
+    async def authorise(
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
         x_api_key: str | None = Depends(header_key),
     ) -> None:
@@ -210,7 +212,13 @@ def create_app(loaded: LoadedModel, settings: ServeSettings, api_key: str | None
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        pool.shutdown()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="visionautoml scoring service",
         version="1",
         description=(
@@ -221,7 +229,6 @@ def create_app(loaded: LoadedModel, settings: ServeSettings, api_key: str | None
             "`/metadata` need the key; `/health` and `/ready` stay open."
         ),
     )
-    app.router.add_event_handler("shutdown", pool.shutdown)
     error_responses = {code: {"model": ErrorMessage, "description": text} for code, text in _ERRORS.items()}
 
     @app.get("/health", summary="Liveness: the process answers")
@@ -319,8 +326,8 @@ async def _multipart_images(request: Request, body: bytes, max_images: int) -> l
 def _json_images(body: bytes) -> list[tuple[str, bytes]]:
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise HTTPException(422, f"the body is not valid JSON ({error})") from None
+    except (ValueError, RecursionError) as error:
+        raise HTTPException(422, f"the body is not valid JSON ({str(error)[:200]})") from None
     data = payload.get("input_data") if isinstance(payload, dict) else None
     rows = data.get("data") if isinstance(data, dict) else None
     if not isinstance(rows, list):

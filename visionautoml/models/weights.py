@@ -14,7 +14,6 @@ import hashlib
 import logging
 import os
 import re
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,8 @@ log = logging.getLogger(__name__)
 OFFLINE_ENV = "VISIONAUTOML_OFFLINE"
 """Set to 1 to forbid downloads: missing weight files then fail at once instead of trying the network."""
 
-DOWNLOAD_TIMEOUT_S = 30
+DOWNLOAD_TIMEOUT_S = 10
+"""Seconds to wait for a connection or a chunk: an unreachable server fails fast instead of hanging."""
 _HASH_PREFIX = re.compile(r"-([a-f0-9]+)\.")
 _WEIGHTS_FILE = "weights.pt"
 
@@ -97,13 +97,14 @@ def ensure_torchvision_weights(weights: WeightsEnum, what: str) -> Path:
     if target.is_file():
         return target
     offline = os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
-    reason = f"{OFFLINE_ENV} is set" if offline else None
+    reason = f"{OFFLINE_ENV} is set"
     if not offline:
         try:
             _download(weights.url, target)
             return target
-        except (urllib.error.URLError, TimeoutError, OSError) as error:
-            reason = f"the download failed ({getattr(error, 'reason', None) or error})"
+        except OSError as error:  # URLError, timeouts, refused connections, a corrupt download
+            detail = getattr(error, "reason", None) or error
+            reason = f"the download failed ({detail}; set {OFFLINE_ENV}=1 where there is no network)"
     raise FetchError(
         f"{what} needs the file {target.name}, which is not in the torch cache, and {reason}. "
         f"Download {weights.url} on a machine with internet access and place it at {target} "

@@ -21,7 +21,7 @@ import yaml
 
 from visionautoml.errors import TrackingError
 from visionautoml.tracking.auth import scrub_credentials, server_name
-from visionautoml.tracking.workspace import current_tracking_uri
+from visionautoml.tracking.workspace import current_tracking_uri, sqlite_path
 
 MODEL_ARTIFACT_NAME = "model"
 SAVED_MODEL_FILE = "model.json"
@@ -72,7 +72,7 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None, dst: Path | None
     from mlflow.exceptions import MlflowException
 
     store = tracking_uri or current_tracking_uri()
-    database = Path(store.removeprefix("sqlite:///")) if store.startswith("sqlite:///") else None
+    database = sqlite_path(store)
     if database is not None and not database.is_file():
         raise TrackingError(
             f"{uri}: there is no tracking store at {database} to look the model up in. Run from the folder "

@@ -36,17 +36,17 @@ def resolve_tracking_uri(job: JobConfig) -> str:
     return f"sqlite:///{workspace_dir(job) / 'mlflow.db'}"
 
 
-def is_local_store(uri: str) -> bool:
-    """True for stores whose artifacts this machine writes itself (SQLite, file, a bare path)."""
-    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store (the embedded default), else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def connect(job: JobConfig, experiment_name: str | None = None) -> str:
     """Point MLflow at the job's store, create or reuse the experiment, and return its id.
 
-    Experiments created here on a local store keep their artifacts in ``<workspace>/artifacts``
-    (next to the database, so a workspace folder is the whole history); on a server the
-    server's own artifact root applies.
+    Experiments created here in a SQLite store keep their artifacts in ``artifacts/`` next to
+    the database (``<workspace>/artifacts`` by default), so one folder holds the whole history;
+    elsewhere the store's or server's own artifact root applies.
     """
     global _connected_uri
     import mlflow
@@ -58,9 +58,9 @@ def connect(job: JobConfig, experiment_name: str | None = None) -> str:
     apply_credentials(job)
 
     uri = resolve_tracking_uri(job)
-    workspace = workspace_dir(job)
-    if is_local_store(uri):
-        workspace.mkdir(parents=True, exist_ok=True)
+    database = sqlite_path(uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     _connected_uri = uri
 
@@ -68,7 +68,7 @@ def connect(job: JobConfig, experiment_name: str | None = None) -> str:
     try:
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
-            artifacts = (workspace / "artifacts").as_uri() if is_local_store(uri) else None
+            artifacts = (database.parent / "artifacts").resolve().as_uri() if database else None
             try:
                 experiment_id = mlflow.create_experiment(name, artifact_location=artifacts)
             except MlflowException:

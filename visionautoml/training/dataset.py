@@ -113,7 +113,8 @@ class DetectionDataset(TorchDataset):
         self.train = train
         self.input_size = input_size if train else None
         self.transforms = train_augmentations() if train and augment else None
-        self.sanitize = v2.SanitizeBoundingBoxes(min_size=1, min_area=1)
+        # Clip boxes to the frame, then drop those left narrower or shorter than a pixel.
+        self.cleanup = v2.Compose([v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1, min_area=1)])
         self._class_ids = {name: index + 1 for index, name in enumerate(self.classes)}
         self._cache: dict[int, torch.Tensor] = {}
 
@@ -147,7 +148,7 @@ class DetectionDataset(TorchDataset):
             image = tv_tensors.Image(image)
             if self.transforms is not None:
                 image, target = self.transforms(image, target)
-            image, target = self.sanitize(v2.ClampBoundingBoxes()(image, target))
+            image, target = self.cleanup(image, target)
             iscrowd = torch.zeros(len(target["labels"]), dtype=torch.int64)
         else:
             iscrowd = torch.tensor([int(b.iscrowd) for b in boxes], dtype=torch.int64)

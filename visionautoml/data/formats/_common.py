@@ -12,7 +12,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import NamedTuple
 
 from visionautoml.data.annotations import Box
@@ -114,7 +114,7 @@ def collector_paused() -> Iterator[None]:
     """Pause Python's cycle collector while a reader builds tens of thousands of records.
 
     The records hold no reference cycles, yet every collection pass walks all of them
-    again: a third of the time of reading a large dataset. Reference counting still
+    again: up to a third of the time of reading a large dataset. Reference counting still
     frees everything as usual; the collector resumes (if it was on) when the block ends.
     """
     was_enabled = gc.isenabled()
@@ -158,6 +158,33 @@ def list_files(root: Path) -> list[str]:
     return found
 
 
+def files_by_name(root: Path) -> dict[str, Path]:
+    """Every file under ``root`` by relative POSIX name, with its path; hidden entries are skipped.
+
+    Paths come from ``Path.iterdir``, which builds them without re-parsing: on a large
+    dataset that is a good part of a reader's time. ``os.scandir`` says which are folders.
+    """
+    found: dict[str, Path] = {}
+    pending = [("", root)]
+    while pending:
+        prefix, folder = pending.pop()
+        try:
+            children = list(folder.iterdir())
+            with os.scandir(folder) as entries:
+                folders = {entry.name for entry in entries if entry.is_dir()}
+        except OSError:
+            continue
+        for child in children:
+            name = child.name
+            if name[0] == ".":
+                continue
+            if name in folders:
+                pending.append((f"{prefix}{name}/", child))
+            else:
+                found[prefix + name] = child
+    return found
+
+
 def is_image_name(name: str) -> bool:
     return name[name.rfind(".") :].lower() in IMAGE_SUFFIXES
 
@@ -176,19 +203,24 @@ def names_under_common_folder(paths: list[str]) -> list[str]:
 
 
 class RelativePaths:
-    """POSIX paths relative to one folder, computing ``relpath`` once per image folder (hot path)."""
+    """POSIX paths relative to one folder, computing ``relpath`` once per image folder (hot path).
+
+    Keyed by the path's parts, which a ``Path`` keeps, rather than by its string, which
+    it would have to build for every image.
+    """
 
     def __init__(self, base: Path) -> None:
         self._base = os.path.abspath(base)
-        self._folders: dict[str, str] = {}
+        self._folders: dict[tuple[str, ...], str] = {}
 
-    def __call__(self, path: Path | str) -> str:
-        path = os.fspath(path)
-        folder, _, name = (path if path.startswith("/") else os.path.abspath(path)).rpartition("/")
+    def __call__(self, path: PurePath) -> str:
+        parts = path.parts
+        folder = parts[:-1]
         relative = self._folders.get(folder)
         if relative is None:
-            relative = self._folders[folder] = os.path.relpath(folder or "/", self._base).replace(os.sep, "/")
-        return name if relative == "." else f"{relative}/{name}"
+            absolute = os.path.abspath(os.path.join(*folder) if folder else os.curdir)
+            relative = self._folders[folder] = os.path.relpath(absolute, self._base).replace(os.sep, "/")
+        return parts[-1] if relative == "." else f"{relative}/{parts[-1]}"
 
 
 def unique_stems(names: Iterable[str], fmt: str) -> None:

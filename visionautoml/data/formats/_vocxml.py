@@ -1,19 +1,20 @@
 """The few values a VOC annotation carries, read exactly as ElementTree would, but fast.
 
 Converting tens of thousands of annotations is dominated by XML parsing, and files of
-one dataset almost always share their *skeleton*: the same tags in the same order,
-only the text between them differs. :class:`FieldReader` parses the first file of each
-skeleton with ElementTree, learns which text holds each field, checks that this plan
-reproduces ElementTree's answer on that file, and compiles the skeleton into one
-regular expression: the tags literally, a capture for each text. A later file that
-matches it is read with that one match.
+one dataset almost always share their *skeleton*: the same declaration and tags in the
+same order, only the text between them differs. :class:`FieldReader` parses the first
+file of each skeleton with ElementTree, learns which text holds each field, checks that
+this plan reproduces ElementTree's answer on that file, and compiles the skeleton into
+one regular expression: the declaration and tags literally, a capture for each field's
+text. A later file that matches it is read with that one match.
 
-That is exact, not a heuristic. A matching file has byte-for-byte the learned tags,
-text between them that holds no ``<``, no ``&`` (so no entity, comment, CDATA or
-processing instruction) and no character XML forbids, and nothing but white space
-around the root; text cannot change the structure of such a document, so ElementTree
-would read the same tree. Everything else, malformed files included, goes through
-ElementTree, whose message is reported.
+That is exact, not a heuristic. A matching file has byte-for-byte the learned markup,
+text between the tags that holds no ``<``, no ``&`` (so no entity, comment, CDATA or
+processing instruction) and no character XML forbids, field texts without a carriage
+return (which ElementTree would normalise), and nothing but white space around the
+root; text cannot change the structure of such a document, so ElementTree would read
+the same tree. Everything else, malformed files included, goes through ElementTree,
+whose message is reported.
 """
 
 from __future__ import annotations
@@ -31,19 +32,21 @@ _FIELDS_OF = {
     (3, ("object",)): {"name": 0, "difficult": 1},
     (4, ("object", "bndbox")): {"xmin": 2, "ymin": 3, "xmax": 4, "ymax": 5},
 }
-_DECLARATION = re.compile(
-    rb"<\?xml[ \t\r\n]+version[ \t\r\n]*=[ \t\r\n]*([\"'])1\.0\1"
-    rb"(?:[ \t\r\n]+encoding[ \t\r\n]*=[ \t\r\n]*([\"'])(?i:utf-?8)\2)?"
-    rb"(?:[ \t\r\n]+standalone[ \t\r\n]*=[ \t\r\n]*([\"'])(?:yes|no)\3)?[ \t\r\n]*\?>"
+_PROLOG = re.compile(
+    r"\ufeff?(?:<\?xml[ \t\r\n]+version[ \t\r\n]*=[ \t\r\n]*([\"'])1\.0\1"
+    r"(?:[ \t\r\n]+encoding[ \t\r\n]*=[ \t\r\n]*([\"'])(?i:utf-?8)\2)?"
+    r"(?:[ \t\r\n]+standalone[ \t\r\n]*=[ \t\r\n]*([\"'])(?:yes|no)\3)?[ \t\r\n]*\?>)?"
 )
 _TAG = re.compile(
     r"(/?)([A-Za-z_][\w.-]*)"
     r"((?:[ \t\r\n]+[A-Za-z_][\w.-]*[ \t\r\n]*=[ \t\r\n]*(?:\"[^\"<>&]*\"|'[^'<>&]*'))*)[ \t\r\n]*(/?)>",
     re.ASCII,
 )
-# Text between tags: no markup, no entity, no character XML 1.0 forbids.
-_TEXT = r"([^<&\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]*+)"
-_SPACE = "[ \t\n]*+"
+# Text between tags: no markup, no entity, no character XML 1.0 forbids; a field's text
+# also no carriage return, which ElementTree would turn into a line feed.
+_TEXT = r"[^<&\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]*+"
+_FIELD = r"([^<&\x00-\x08\x0b\x0c\r\x0e-\x1f\ufffe\uffff]*+)"
+_SPACE = r"[ \t\r\n]*+"
 _MAX_PLANS = 256
 _PLANS_PER_SHAPE = 8
 
@@ -62,7 +65,7 @@ class _Plan(NamedTuple):
     """One skeleton: its pattern's matcher, which capture holds each field, and the fields it lacks.
 
     ``fixed`` maps a field's position to None (missing) or "" (a self-closing element);
-    ``groups`` then names a placeholder capture for it.
+    ``groups`` then names the whole match as a placeholder for it.
     """
 
     root: str
@@ -81,16 +84,18 @@ class FieldReader:
 
     def read(self, data: bytes) -> Fields | str:
         """The fields, or ElementTree's parse error as a string."""
-        text = _text(data)
-        if text is None:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
             return _tree_fields(data)
         shape = text.count("<")
-        for plan in self._plans.get(shape, ()):
-            fields = _apply(plan, text)
-            if fields is not None:
-                return fields
+        if "]]>" not in text:
+            for plan in self._plans.get(shape, ()):
+                fields = _apply(plan, text)
+                if fields is not None:
+                    return fields
         fields = _tree_fields(data)
-        if isinstance(fields, Fields) and self._learned < _MAX_PLANS:
+        if isinstance(fields, Fields) and self._learned < _MAX_PLANS and "]]>" not in text:
             plan = _plan(text)
             known = self._plans.setdefault(shape, [])
             if plan is not None and len(known) < _PLANS_PER_SHAPE and _apply(plan, text) == fields:
@@ -99,62 +104,58 @@ class FieldReader:
         return fields
 
 
-def _text(data: bytes) -> str | None:
-    """The document after its XML declaration, as ElementTree sees its characters; None if unsure."""
-    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
-    if data.startswith(b"<?", start):
-        declaration = _DECLARATION.match(data, start)
-        if declaration is None:
-            return None
-        start = declaration.end()
-    try:
-        text = data[start:].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return None if "]]>" in text else text
-
-
 def _plan(text: str) -> _Plan | None:
-    """Where ElementTree's ``findtext`` would find each field in files shaped like this one."""
-    chunks = text.split("<")
-    pieces = [_SPACE]
+    """Where ElementTree's ``findtext`` would find each field in files shaped like this one.
+
+    The prolog (byte-order mark, XML declaration) is kept literally, so files that repeat
+    it match; one that declares an encoding other than UTF-8 gets no plan.
+    """
+    prolog = _PROLOG.match(text)
+    if prolog is None:
+        return None
+    chunks = text[prolog.end() :].split("<")
+    pieces = [re.escape(prolog.group()), _SPACE]
     header: list[int | str | None] = [None, None, None]  # filename, width, height: capture number
     objects: list[list[int | str | None]] = []
     stack: list[str] = []
     root = None
+    captures = 0
     for index in range(1, len(chunks)):
         match = _TAG.match(chunks[index])
         if match is None or "xmlns" in match.group(3):
             return None
         closing, tag, attributes, self_closing = match.groups()
         last = index == len(chunks) - 1
-        pieces.append(re.escape("<" + match.group()) + (_SPACE if last else _TEXT))
+        text_pattern = _SPACE if last else _TEXT
         if closing:
             if attributes or self_closing or not stack or stack.pop() != tag or (not stack and not last):
                 return None
-            continue
-        if root is None:
-            root = tag
-        elif not stack:
-            return None
-        if len(stack) == 1 and tag == "object":
-            objects.append([None] * 6)
-        positions = _FIELDS_OF.get((len(stack) + 1, tuple(stack[1:])), {})
-        if tag in positions:
-            target = header if len(stack) == 1 or stack[1] == "size" else objects[-1]
-            if target[positions[tag]] is None:
-                target[positions[tag]] = "" if self_closing else index
-        if not self_closing:
-            stack.append(tag)
+        else:
+            if root is None:
+                root = tag
+            elif not stack:
+                return None
+            if len(stack) == 1 and tag == "object":
+                objects.append([None] * 6)
+            positions = _FIELDS_OF.get((len(stack) + 1, tuple(stack[1:])), {})
+            if tag in positions:
+                target = header if len(stack) == 1 or stack[1] == "size" else objects[-1]
+                if target[positions[tag]] is None and self_closing:
+                    target[positions[tag]] = ""
+                elif target[positions[tag]] is None:
+                    captures += 1
+                    target[positions[tag]] = captures
+                    text_pattern = _FIELD
+            if not self_closing:
+                stack.append(tag)
+        pieces.append(re.escape("<" + match.group()) + text_pattern)
     if stack or root is None:
         return None
     slots = [*header, *(slot for slots in objects for slot in slots)]
     return _Plan(
         root,
         re.compile("".join(pieces)).fullmatch,
-        tuple(slot if isinstance(slot, int) else 1 for slot in slots),
+        tuple(slot if isinstance(slot, int) else 0 for slot in slots),
         {position: slot for position, slot in enumerate(slots) if not isinstance(slot, int)},
         tuple(slice(start, start + 6) for start in range(3, len(slots), 6)),
     )

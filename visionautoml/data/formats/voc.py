@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -20,6 +22,7 @@ from visionautoml.data.formats._common import (
     checked_box,
     collector_paused,
     crowd_flag,
+    files_by_name,
     image_size,
     is_image_name,
     list_files,
@@ -54,14 +57,14 @@ def read(path: Path, problems: ProblemLog, *, datastore_root: Path | None = None
         raise DataError(f"{path}: not a Pascal VOC folder; expected annotations/*.xml beside images/")
     annotation_dir, image_dir = found
     xml_names = [name for name in list_files(annotation_dir) if name.lower().endswith(".xml")]
-    image_names = set(list_files(image_dir))
+    images = files_by_name(image_dir)
     reader = FieldReader()
     records: list[ImageRecord] = []
-    with collector_paused():
+    with collector_paused(), _opened_folder(annotation_dir) as folder:
         for name in xml_names:
             xml_path = f"{annotation_dir}/{name}"
             try:
-                data = _read_bytes(xml_path)
+                data = _read_bytes(name, folder) if folder is not None else _read_bytes(xml_path)
             except OSError as error:
                 problems.error(xml_path, f"cannot read the file: {error.strerror or error}")
                 continue
@@ -69,22 +72,39 @@ def read(path: Path, problems: ProblemLog, *, datastore_root: Path | None = None
             if isinstance(fields, str):
                 problems.error(xml_path, f"malformed XML: {fields}; fix or re-export the annotation")
                 continue
-            record = _record(fields, xml_path, name, image_dir, image_names, problems)
+            record = _record(fields, xml_path, name, image_dir, images, problems)
             if record is not None:
                 records.append(record)
     annotated = {name[:-4] for name in xml_names}
-    for name in sorted(name for name in image_names if name.rpartition(".")[0] not in annotated):
+    for name in sorted(name for name in images if name.rpartition(".")[0] not in annotated):
         if is_image_name(name):
             problems.warning(image_dir / name, "image has no annotation file; it is left out")
     return Dataset(records, classes_in_order_of_appearance(records))
 
 
-def _read_bytes(path: str) -> bytes:
-    """``os.read`` rather than ``open``: half the cost per small file, which adds up over 10,000s."""
-    descriptor = os.open(path, os.O_RDONLY)
+@contextmanager
+def _opened_folder(folder: Path) -> Iterator[int | None]:
+    """A descriptor of ``folder``: opening its files relative to it spares the kernel a path walk each."""
+    if os.open not in os.supports_dir_fd:
+        yield None
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
     try:
-        data = os.read(descriptor, 65536)
-        if len(data) < 65536:
+        yield descriptor
+    finally:
+        os.close(descriptor)
+
+
+def _read_bytes(path: str, folder: int | None = None) -> bytes:
+    """``os.read`` rather than ``open``: half the cost per small file, which adds up over 10,000s.
+
+    The first read asks for 16 KiB, more than a VOC file holds: a larger buffer costs
+    more to allocate and shrink than the rare second read.
+    """
+    descriptor = os.open(path, os.O_RDONLY, dir_fd=folder)
+    try:
+        data = os.read(descriptor, 16384)
+        if len(data) < 16384:
             return data
         chunks = [data]
         while chunks[-1]:
@@ -95,7 +115,7 @@ def _read_bytes(path: str) -> bytes:
 
 
 def _record(
-    fields: Fields, xml_path: str, name: str, image_dir: Path, image_names: set[str], problems: ProblemLog
+    fields: Fields, xml_path: str, name: str, image_dir: Path, images: dict[str, Path], problems: ProblemLog
 ) -> ImageRecord | None:
     """The record of a plain, valid annotation, checked inline (the hot path of large conversions).
 
@@ -103,16 +123,17 @@ def _record(
     goes through :func:`_checked_record`, which gives the same result or says what is wrong.
     """
     root, filename, width_text, height_text, objects = fields
-    if root == "annotation" and filename and "/" not in name and filename in image_names:
+    image_path = images.get(filename) if filename and "/" not in name else None
+    if root == "annotation" and image_path is not None:
         try:
-            width, height = int(width_text), int(height_text)  # type: ignore[arg-type]
+            width, height = int(width_text), int(height_text)
         except (TypeError, ValueError):
             width = height = 0
         boxes: list[Box] = []
         if width > 0 and height > 0 and "/" not in filename and filename == filename.strip():
             for label, difficult, x0, y0, x1, y1 in objects:
                 try:
-                    xmin, ymin, xmax, ymax = float(x0), float(y0), float(x1), float(y1)  # type: ignore[arg-type]
+                    xmin, ymin, xmax, ymax = float(x0), float(y0), float(x1), float(y1)
                 except (TypeError, ValueError):
                     break
                 label = label.strip() if label else ""
@@ -122,12 +143,12 @@ def _record(
                     break
                 boxes.append(Box(xmin, ymin, xmax, ymax, label, difficult == "1"))
             else:
-                return ImageRecord(filename, image_dir / filename, width, height, boxes, xml_path)
-    return _checked_record(fields, xml_path, name, image_dir, image_names, problems)
+                return ImageRecord(filename, image_path, width, height, boxes, xml_path)
+    return _checked_record(fields, xml_path, name, image_dir, images, problems)
 
 
 def _checked_record(
-    fields: Fields, xml_path: str, name: str, image_dir: Path, image_names: set[str], problems: ProblemLog
+    fields: Fields, xml_path: str, name: str, image_dir: Path, images: dict[str, Path], problems: ProblemLog
 ) -> ImageRecord | None:
     if fields.root != "annotation":
         problems.error(xml_path, f"root element is <{fields.root}>, not <annotation>: not a VOC annotation")
@@ -139,14 +160,14 @@ def _checked_record(
     image_name = filename
     if "/" in name or "/" in filename or filename.startswith("."):
         image_name = posixpath.normpath(posixpath.join(posixpath.dirname(name), filename))
-    image_path = image_dir / image_name
-    if image_name not in image_names and not image_path.is_file():
+    image_path = images.get(image_name) or image_dir / image_name
+    if image_name not in images and not image_path.is_file():
         problems.error(xml_path, f"image not found: {image_path}", field="filename")
         return None
     try:
-        width, height = int(fields.width), int(fields.height)  # type: ignore[arg-type]
+        width, height = int(fields.width), int(fields.height)
     except (TypeError, ValueError):
-        width, height = image_size(fields.width), image_size(fields.height)  # type: ignore[assignment]
+        width, height = image_size(fields.width), image_size(fields.height)
     if width is None or height is None or width < 0 or height < 0:
         bad = "width" if width is None or width < 0 else "height"
         problems.error(

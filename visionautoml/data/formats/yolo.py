@@ -17,6 +17,7 @@ from visionautoml.data.annotations import Box, Dataset, ImageRecord
 from visionautoml.data.formats._common import (
     Rendered,
     checked_box,
+    files_by_name,
     is_image_name,
     list_files,
     number,
@@ -41,11 +42,10 @@ def read(path: Path, problems: ProblemLog, *, datastore_root: Path | None = None
     label_names = set(list_files(label_dir)) if label_dir.is_dir() else set()
     records: list[ImageRecord] = []
     used_labels: set[str] = set()
-    for name in list_files(path / "images"):
+    for name, image_path in sorted(files_by_name(path / "images").items()):
         if not is_image_name(name):
             continue
         label_name = os.path.splitext(name)[0] + ".txt"
-        image_path = path / "images" / name
         try:
             info = probe_image(image_path)
         except DataError as error:
