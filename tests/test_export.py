@@ -166,8 +166,15 @@ def test_export_cli_checks_a_registered_model_records_parity_and_attaches_the_ex
     assert sorted(Path(path).name for path in attached) == sorted(path.name for path in out.iterdir())
 
 
-def test_export_cli_on_a_missing_model_is_one_line_error(tmp_path):
-    result = run_cli("export", str(tmp_path / "no-model"), "--out", str(tmp_path / "x"))
-    assert result.returncode == 1
-    assert "no-model" in result.stderr and "Traceback" not in result.stderr
+def test_export_cli_on_a_missing_model_is_one_line_error(tmp_path, monkeypatch, capsys):
+    from visionautoml import cli
+
+    monkeypatch.setattr(
+        sys, "argv", ["visionautoml", "export", str(tmp_path / "no-model"), "--out", str(tmp_path / "x")]
+    )
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "no-model" in error and "Traceback" not in error
     assert not (tmp_path / "x").exists()

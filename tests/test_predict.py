@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -31,7 +30,9 @@ def check_automl_boxes(boxes: list[dict], threshold: float) -> None:
         assert threshold <= item["score"] <= 1
 
 
-def test_predict_cli_scores_a_folder_draws_boxes_and_skips_unreadable_files(deploy_model, tmp_path):
+def test_predict_cli_scores_a_folder_draws_boxes_and_skips_unreadable_files(
+    deploy_model, tmp_path, monkeypatch, capsys
+):
     folder = tmp_path / "in"
     (folder / "sub").mkdir(parents=True)
     images = sorted((deploy_model.data / "images").glob("*.jpg"))
@@ -41,13 +42,19 @@ def test_predict_cli_scores_a_folder_draws_boxes_and_skips_unreadable_files(depl
     (folder / "broken.jpg").write_text("not a picture")
     out = tmp_path / "out"
 
-    command = [sys.executable, "-m", "visionautoml.cli", "predict", str(deploy_model.saved), str(folder)]
-    command += ["--out", str(out), "--draw", "--onnx", str(deploy_model.export), "--batch-size", "2"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    from visionautoml import cli
 
-    assert result.returncode == 0, result.stderr
-    assert "on onnx" in result.stderr
-    assert "scored 3 images" in result.stdout and "skipped 1" in result.stdout
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    command = ["visionautoml", "predict", str(deploy_model.saved), str(folder), "--out", str(out)]
+    monkeypatch.setattr(
+        sys, "argv", [*command, "--draw", "--onnx", str(deploy_model.export), "--batch-size", "2"]
+    )
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 0
+    printed = capsys.readouterr()
+    assert "on onnx" in printed.err
+    assert "scored 3 images" in printed.out and "skipped 1" in printed.out
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [line["filename"] for line in lines] == [images[0].name, images[1].name, f"sub/{images[2].name}"]
     for line in lines:

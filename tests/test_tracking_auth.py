@@ -66,6 +66,9 @@ def auth_server(tmp_path_factory) -> Iterator[AuthServer]:
         f"database_uri = sqlite:///{root / 'auth.db'}\n"
         "admin_username = admin\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # Without it every request pays a PBKDF2 check (about a second on 2 busy cores), and
+        # logging one model makes dozens of requests.
+        "auth_cache_ttl_seconds = 600\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(

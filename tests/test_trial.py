@@ -245,12 +245,13 @@ def test_an_interrupted_trial_resumes_its_run_from_the_last_checkpoint(store, vo
         run_trial(job, reporter=interrupt_at_epoch_2)
     client = MlflowClient(store)
     (interrupted,) = client.search_runs([mlflow.get_experiment_by_name(job.experiment_name).experiment_id])
-    assert interrupted.info.status == "KILLED"
+    assert interrupted.info.status == "KILLED" and "resume" in interrupted.data.tags["failure_reason"]
     assert (Path(job.workspace) / "checkpoints").is_dir()
 
     result = run_trial(job)
     assert result.status == "FINISHED" and result.run_id == interrupted.info.run_id
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["epochs_completed"] == "2"
+    assert "failure_reason" not in run.data.tags
     assert {m.step for m in client.get_metric_history(result.run_id, "mean_average_precision")} == {1, 2}
     assert not any((Path(job.workspace) / "checkpoints").iterdir())

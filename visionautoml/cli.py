@@ -145,7 +145,9 @@ def data_validate(
 def data_convert(
     source: Path = typer.Argument(..., help="Dataset folder, COCO .json file or AutoML .jsonl file."),
     to: str = typer.Option(..., "--to", help="Output format: jsonl, coco, voc or yolo."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; other files in it are kept)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output folder (created); what the format writes is replaced, the rest kept."
+    ),
     source_format: str = typer.Option("auto", "--format", "-f", help=_FORMAT_HELP),
     validation_every: int | None = typer.Option(
         None,
@@ -675,7 +677,7 @@ def models_promote(
 ) -> None:
     """Point an alias at a version by hand (a sweep's `promote_if_better` does it on evidence).
 
-    Serving `models:/NAME@ALIAS` picks up the new version on its next load.
+    Whatever loads `models:/NAME@ALIAS` from then on (serve, predict, export) gets that version.
 
     Examples:
 
@@ -947,8 +949,9 @@ def pipeline_run(
     output = str(output_json) if output_json else None
     if detach:
         record = detach_pipeline(config, data=data, output_json=output)
+        follow = f"visionautoml runs wait {record.id} --workspace {record.workspace}"
         err_console.print(f"started pipeline run {record.id} in the background (log: {record.log_path})")
-        err_console.print(f"follow it with: visionautoml runs wait {record.id} --workspace {record.workspace}")
+        err_console.print(f"follow it with: {follow}", soft_wrap=True)
         typer.echo(record.id)  # alone on stdout, for RUN_ID=$(visionautoml pipeline run ... --detach)
         return
     run_pipeline(config, data=data, output_json=output)

@@ -225,8 +225,12 @@ class JobConfig(_Strict):
     pipeline: Pipeline = Pipeline()
 
     def fingerprint(self) -> str:
-        """A short hash of the config, stored as a tag so a model points at its config."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """A short hash of the config, stored as a tag so a model points at its config.
+
+        Credentials are left out: even a hash of a password is a clue to it.
+        """
+        credentials = {"tracking": {"username", "password", "token"}}
+        canonical = json.dumps(self.model_dump(mode="json", exclude=credentials), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

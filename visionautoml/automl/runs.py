@@ -180,9 +180,8 @@ def log_leaderboard(
         client.log_metric(parent_run_id, f"trials_{state}", count)
 
 
-def tag_parent(
-    parent_run_id: str, best: TrialRecord | None, registered: registry.ModelVersionInfo | None
-) -> None:
+def tag_parent(parent_run_id: str, best: TrialRecord | None, registered: str | None) -> None:
+    """The best trial and the registered ``NAME/VERSION`` on the parent run, for finding them from it."""
     client = _client()
     if best is not None:
         client.set_tag(parent_run_id, "best_trial", best.trial_id)
@@ -190,7 +189,7 @@ def tag_parent(
         for key, value in best.metrics.items():
             client.log_metric(parent_run_id, f"best_{key}", value)
     if registered is not None:
-        client.set_tag(parent_run_id, "registered_model", f"{registered.name}/{registered.version}")
+        client.set_tag(parent_run_id, "registered_model", registered)
 
 
 @contextmanager

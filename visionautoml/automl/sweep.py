@@ -97,6 +97,10 @@ class SweepResult:
         }
 
 
+class SweepInterrupted(VisionAutoMLError):
+    """The sweep stopped before every trial ran (Ctrl+C); ``--resume`` continues it."""
+
+
 @dataclass
 class _Prepared:
     """What every trial shares: the job with absolute data paths, and the dataset versions."""
@@ -121,38 +125,12 @@ class _Prepared:
         }
 
 
-@contextmanager
-def _quiet_tune_logs() -> Iterator[None]:
-    """Tune logs each failed trial's traceback; the table and the leaderboard say it in one line."""
-    tune_logger = logging.getLogger("ray.tune")
-    level = tune_logger.level
-    tune_logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        tune_logger.setLevel(level)
-
-
-class TrialTimeLimit(tune.Stopper):
-    """A backstop for ``trial_timeout_minutes``; the trainer's own ``max_minutes`` normally ends a trial."""
-
-    def __init__(self, trial_timeout_minutes: float | None):
-        minutes = trial_timeout_minutes
-        self.limit_s = minutes * 60 + _grace_s(minutes) if minutes else None
-
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        return self.limit_s is not None and result.get("time_total_s", 0) > self.limit_s
-
-    def stop_all(self) -> bool:
-        return False
-
-
-def _grace_s(timeout_minutes: float | None) -> float:
-    """Time past a deadline for running trials to finish their last evaluation and save their model."""
-    return min(300.0, max(30.0, 0.1 * (timeout_minutes or 0) * 60))
-
-
-# --- the sweep ---------------------------------------------------------------------------------------
+@dataclass
+class _Trials:
+    records: list[TrialRecord]
+    searched: list[str]
+    total: int
+    interrupted: bool
 
 
 def run_sweep(
@@ -217,7 +195,7 @@ def run_sweep(
 
     best = _best(records)
     registered, promotion = _register(job, best, prepared, fingerprint, parent_run_id, console)
-    runs.tag_parent(parent_run_id, best, registered)
+    runs.tag_parent(parent_run_id, best, f"{registered.name}/{registered.version}" if registered else None)
     runs.end_run(parent_run_id, "FINISHED" if registered else "FAILED")
     _save_state(state_file, {**_load_json(state_file), "finished": True})
 
@@ -231,111 +209,6 @@ def run_sweep(
             f"The leaderboard is in the parent run {parent_run_id}"
         )
     return result
-
-
-@dataclass
-class _Trials:
-    records: list[TrialRecord]
-    searched: list[str]
-    total: int
-    interrupted: bool
-
-
-def _plan(
-    job: JobConfig, image_count: int, cluster: compute.ClusterInfo, console: Console
-) -> tuple[space.SearchPlan, bool]:
-    """The checked search space (the job's, or the automatic one) and what grid/random will run."""
-    available = _available_models()
-    subspaces, automatic = list(job.search_space), not job.search_space
-    if automatic:
-        gpus = job.compute.gpus_per_trial or cluster.gpus
-        subspaces = space.automatic_space(image_count=image_count, gpus=gpus, available_models=available)
-        console.print("No search_space given: searching an automatic space (light models on CPU).")
-    space.validate_space(subspaces, job.training_parameters, available)
-    plan = space.plan_search(
-        subspaces, job.sweep.sampling_algorithm, job.limits.max_trials, job.training_parameters.seed
-    )
-    for note in plan.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
-    return plan, automatic
-
-
-def _run_trials(
-    job: JobConfig,
-    plan: space.SearchPlan,
-    prepared: _Prepared,
-    trial_fn: TrialFunction,
-    parent_run_id: str,
-    storage: str,
-    resume: bool,
-    cluster: compute.ClusterInfo,
-    console: Console,
-) -> _Trials:
-    """The Tune run, drawn live; every trial's record afterwards."""
-    limits = job.limits
-    resources = compute.trial_resources(job.compute, cluster, limits.max_concurrent_trials)
-    deadline = time.time() + limits.timeout_minutes * 60 if limits.timeout_minutes else None
-    trainable = _trainable(prepared.job, trial_fn, parent_run_id, deadline, resources)
-    total = len(plan.trials) or limits.max_trials
-    board = Board(space.searched_names(plan.subspaces), total)
-    tuner, scheduler = _tuner(job, plan, trainable, storage, resume, deadline)
-    termination = job.sweep.early_termination
-    console.print(
-        f"Sweep: {total} trial(s), {plan.algorithm} sampling, {limits.max_concurrent_trials} at a time, "
-        f"early termination: {termination.type if termination else 'none'}; parent run {parent_run_id}"
-    )
-    with Live(board.render(), console=console, refresh_per_second=2, transient=True) as live:
-        BoardCallback.active = (board, live)
-        try:
-            with _quiet_tune_logs():
-                tuner.fit()
-        finally:
-            BoardCallback.active = None
-    records = _collect(
-        storage, stop_reasons(scheduler), deadline, TrialTimeLimit(limits.trial_timeout_minutes).limit_s
-    )
-    return _Trials(records, board.searched, total, _interrupted(records, total, deadline))
-
-
-def _register(
-    job: JobConfig,
-    best: TrialRecord | None,
-    prepared: _Prepared,
-    fingerprint: str,
-    parent_run_id: str,
-    console: Console,
-) -> tuple[RegisteredModel | None, registry.PromotionDecision | None]:
-    """Register the best trial's model as ``candidate``; promote it if asked and it earns it."""
-    if best is None:
-        return None, None
-    model_name = job.register.model_name or job.experiment_name
-    version = runs.register_best(job, model_name, best, prepared.tags(), fingerprint, parent_run_id)
-    registered = RegisteredModel(version.name, version.version, list(version.aliases))
-    console.print(
-        f"Registered [bold]{registered.name}[/bold] version {registered.version} "
-        f"(aliases: {', '.join(registered.aliases)}) from trial {best.number} ({best.run_id})"
-    )
-    promotion = None
-    if job.register.promote_if_better:
-        promotion = registry.promote_if_better(
-            registered.name, registered.version, job.register.promote_if_better, metric=PRIMARY_METRIC
-        )
-        console.print(promotion.message)
-        if promotion.promoted:
-            registered.aliases = sorted({*registered.aliases, promotion.alias})
-    return registered, promotion
-
-
-class SweepInterrupted(VisionAutoMLError):
-    """The sweep stopped before every trial ran (Ctrl+C); ``--resume`` continues it."""
-
-
-def _available_models() -> list[str] | None:
-    try:
-        from visionautoml.models.zoo import ZOO
-    except ImportError:
-        return None
-    return list(ZOO)
 
 
 def _load_state(path: Path, resume: bool, fingerprint: str) -> dict[str, Any]:
@@ -424,6 +297,70 @@ def _prepare_data(job: JobConfig, state: dict[str, Any], console: Console) -> _P
 def _get_version(store: Any, ref: str) -> Any:
     name, _, version = ref.partition(":")
     return store.get(name, int(version))
+
+
+def _plan(
+    job: JobConfig, image_count: int, cluster: compute.ClusterInfo, console: Console
+) -> tuple[space.SearchPlan, bool]:
+    """The checked search space (the job's, or the automatic one) and what grid/random will run."""
+    available = _available_models()
+    subspaces, automatic = list(job.search_space), not job.search_space
+    if automatic:
+        gpus = job.compute.gpus_per_trial or cluster.gpus
+        subspaces = space.automatic_space(image_count=image_count, gpus=gpus, available_models=available)
+        console.print("No search_space given: searching an automatic space (light models on CPU).")
+    space.validate_space(subspaces, job.training_parameters, available)
+    plan = space.plan_search(
+        subspaces, job.sweep.sampling_algorithm, job.limits.max_trials, job.training_parameters.seed
+    )
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    return plan, automatic
+
+
+def _available_models() -> list[str] | None:
+    try:
+        from visionautoml.models.zoo import ZOO
+    except ImportError:
+        return None
+    return list(ZOO)
+
+
+def _run_trials(
+    job: JobConfig,
+    plan: space.SearchPlan,
+    prepared: _Prepared,
+    trial_fn: TrialFunction,
+    parent_run_id: str,
+    storage: str,
+    resume: bool,
+    cluster: compute.ClusterInfo,
+    console: Console,
+) -> _Trials:
+    """The Tune run, drawn live; every trial's record afterwards."""
+    limits = job.limits
+    resources = compute.trial_resources(job.compute, cluster, limits.max_concurrent_trials)
+    deadline = time.time() + limits.timeout_minutes * 60 if limits.timeout_minutes else None
+    trainable = _trainable(prepared.job, trial_fn, parent_run_id, deadline, resources)
+    total = len(plan.trials) or limits.max_trials
+    board = Board(space.searched_names(plan.subspaces), total)
+    tuner, scheduler = _tuner(job, plan, trainable, storage, resume, deadline)
+    termination = job.sweep.early_termination
+    console.print(
+        f"Sweep: {total} trial(s), {plan.algorithm} sampling, {limits.max_concurrent_trials} at a time, "
+        f"early termination: {termination.type if termination else 'none'}; parent run {parent_run_id}"
+    )
+    with Live(board.render(), console=console, refresh_per_second=2, transient=True) as live:
+        BoardCallback.active = (board, live)
+        try:
+            with _quiet_tune_logs():
+                tuner.fit()
+        finally:
+            BoardCallback.active = None
+    records = _collect(
+        storage, stop_reasons(scheduler), deadline, TrialTimeLimit(limits.trial_timeout_minutes).limit_s
+    )
+    return _Trials(records, board.searched, total, _interrupted(records, total, deadline))
 
 
 def _trainable(
@@ -519,7 +456,35 @@ def _tuner(
     return tuner, scheduler
 
 
-# --- after the trials ---------------------------------------------------------------------------------
+class TrialTimeLimit(tune.Stopper):
+    """A backstop for ``trial_timeout_minutes``; the trainer's own ``max_minutes`` normally ends a trial."""
+
+    def __init__(self, trial_timeout_minutes: float | None):
+        minutes = trial_timeout_minutes
+        self.limit_s = minutes * 60 + _grace_s(minutes) if minutes else None
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return self.limit_s is not None and result.get("time_total_s", 0) > self.limit_s
+
+    def stop_all(self) -> bool:
+        return False
+
+
+def _grace_s(timeout_minutes: float | None) -> float:
+    """Time past a deadline for running trials to finish their last evaluation and save their model."""
+    return min(300.0, max(30.0, 0.1 * (timeout_minutes or 0) * 60))
+
+
+@contextmanager
+def _quiet_tune_logs() -> Iterator[None]:
+    """Tune logs each failed trial's traceback; the table and the leaderboard say it in one line."""
+    tune_logger = logging.getLogger("ray.tune")
+    level = tune_logger.level
+    tune_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        tune_logger.setLevel(level)
 
 
 def _collect(
@@ -618,4 +583,30 @@ def _best(records: list[TrialRecord]) -> TrialRecord | None:
     return max(finished, key=lambda record: record.metrics[PRIMARY_METRIC], default=None)
 
 
-# --- MLflow --------------------------------------------------------------------------------------------
+def _register(
+    job: JobConfig,
+    best: TrialRecord | None,
+    prepared: _Prepared,
+    fingerprint: str,
+    parent_run_id: str,
+    console: Console,
+) -> tuple[RegisteredModel | None, registry.PromotionDecision | None]:
+    """Register the best trial's model as ``candidate``; promote it if asked and it earns it."""
+    if best is None:
+        return None, None
+    model_name = job.register.model_name or job.experiment_name
+    version = runs.register_best(job, model_name, best, prepared.tags(), fingerprint, parent_run_id)
+    registered = RegisteredModel(version.name, version.version, list(version.aliases))
+    console.print(
+        f"Registered [bold]{registered.name}[/bold] version {registered.version} "
+        f"(aliases: {', '.join(registered.aliases)}) from trial {best.number} ({best.run_id})"
+    )
+    promotion = None
+    if job.register.promote_if_better:
+        promotion = registry.promote_if_better(
+            registered.name, registered.version, job.register.promote_if_better, metric=PRIMARY_METRIC
+        )
+        console.print(promotion.message)
+        if promotion.promoted:
+            registered.aliases = sorted({*registered.aliases, promotion.alias})
+    return registered, promotion

@@ -72,7 +72,11 @@ def scrub_credentials(text: str) -> str:
 def _identity() -> str:
     if os.environ.get(USERNAME_VARIABLE):
         return f"user '{os.environ[USERNAME_VARIABLE]}'"
-    return "the token in MLFLOW_TRACKING_TOKEN" if os.environ.get(TOKEN_VARIABLE) else "anonymous access (no credentials set)"
+    return (
+        "the token in MLFLOW_TRACKING_TOKEN"
+        if os.environ.get(TOKEN_VARIABLE)
+        else "anonymous access (no credentials set)"
+    )
 
 
 def _request_options() -> dict[str, object]:

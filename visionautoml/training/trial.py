@@ -1,10 +1,10 @@
 """One trial end to end: data, model, training, MLflow run, logged model, result.
 
 This is the unit a sweep repeats: :func:`run_trial` never lets a trial's failure escape
-as an exception (other than Ctrl-C). A diverged loss, bad data or a bug is recorded in
-the MLflow run (status FAILED, a ``failure_reason`` tag) and returned in the
-:class:`TrialResult`, so the sweep goes on and the reason is on record; the CLI turns a
-failed single trial into exit code 1.
+as an exception (only Ctrl-C, and a tracking store that cannot even open the run, do). A
+diverged loss, bad data or a bug is recorded in the MLflow run (status FAILED, a
+``failure_reason`` tag) and returned in the :class:`TrialResult`, so the sweep goes on and
+the reason is on record; the CLI turns a failed single trial into exit code 1.
 
 An interrupted trial resumes: checkpoints live in ``<workspace>/checkpoints/<key>``, the
 key hashing the config, the hyperparameters and the data paths, and running the same
@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from visionautoml.config import JobConfig, Tracking, TrainingParameters
+from visionautoml.config import JobConfig, TrainingParameters
 from visionautoml.data.annotations import Dataset
 from visionautoml.data.formats import read_dataset
 from visionautoml.data.formats.jsonl import TRAIN_FILE, VALIDATION_FILE
@@ -48,9 +48,9 @@ from visionautoml.errors import DataError, VisionAutoMLError
 from visionautoml.files import atomic_write_text
 from visionautoml.models.saved import ModelSpec, save_model
 from visionautoml.models.zoo import build_model
-from visionautoml.tracking.auth import scrub_credentials
+from visionautoml.tracking.auth import scrub_credentials, scrubbed_tracking_errors
 from visionautoml.tracking.models import log_saved_model
-from visionautoml.tracking.workspace import connect, workspace_dir
+from visionautoml.tracking.workspace import connect, resolve_tracking_uri, workspace_dir
 from visionautoml.training.dataset import make_data_loader
 from visionautoml.training.evaluate import Evaluation, evaluate_predictions, predict_loader, write_evaluation
 from visionautoml.training.trainer import (
@@ -153,13 +153,16 @@ def run_trial(
     checkpoint_dir = workspace_dir(job) / "checkpoints" / _trial_key(job, params)
     connect(job)
     resumed_run_id = _resumable_run(checkpoint_dir)
-    run = mlflow.start_run(
-        run_id=resumed_run_id,
-        run_name=None if resumed_run_id else run_name,
-        parent_run_id=None if resumed_run_id else parent_run_id,
-        nested=mlflow.active_run() is not None,
-    )
+    with scrubbed_tracking_errors(resolve_tracking_uri(job)):  # no run to record a failure in yet
+        run = mlflow.start_run(
+            run_id=resumed_run_id,
+            run_name=None if resumed_run_id else run_name,
+            parent_run_id=None if resumed_run_id else parent_run_id,
+            nested=mlflow.active_run() is not None,
+        )
     run_id = run.info.run_id
+    if FAILURE_TAG in run.data.tags:  # the reason the resumed attempt stopped no longer holds
+        mlflow.delete_tag(FAILURE_TAG)
     status = FAILED
     try:
         result = _train_and_log(job, params, run_id, checkpoint_dir, reporter, console)
@@ -199,7 +202,7 @@ def _train_and_log(
     tags = {
         **data.tags,
         "model_name": params.model_name,
-        "config_fingerprint": _fingerprint(job),
+        "config_fingerprint": job.fingerprint(),
         "classes": json.dumps(classes),
     }
     commit = git_commit()
@@ -420,14 +423,9 @@ def git_commit(directory: Path | None = None) -> str | None:
     return commit if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
 
 
-def _fingerprint(job: JobConfig) -> str:
-    """``job.fingerprint()`` of the job without credentials: a hash of a password is still a clue to it."""
-    return job.model_copy(update={"tracking": Tracking(uri=job.tracking.uri)}).fingerprint()
-
-
 def _trial_key(job: JobConfig, params: TrainingParameters) -> str:
     identity = {
-        "job": _fingerprint(job),
+        "job": job.fingerprint(),
         "params": params.model_dump(mode="json"),
         "training_data": job.training_data,
         "validation_data": job.validation_data,
