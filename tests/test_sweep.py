@@ -317,20 +317,28 @@ def test_resume_without_an_earlier_sweep_says_so(tracking_uri, tmp_path):
         run_sweep(job, resume=True, trial_fn=toy_trial, console=quiet())
 
 
-def test_a_sweep_without_any_model_exits_with_an_error(local_ray, tracking_uri, tmp_path):
+def test_an_automatic_sweep_where_no_trial_succeeds_registers_nothing_and_fails(
+    local_ray, tracking_uri, tmp_path
+):
+    # No search_space and max_trials > 1: the sweep picks the space; every trial raises.
     job = make_job(
         tmp_path,
         tracking_uri,
-        sweep={"sampling_algorithm": "grid"},
+        training_parameters={"number_of_epochs": 3, "pretrained": "none", "seed": RAISES},
         limits={"max_trials": 2, "max_concurrent_trials": 2},
-        search_space=[{"seed": {"type": "choice", "values": [RAISES, DIVERGES]}}],
     )
     out = tmp_path / "out.json"
+    console = quiet()
     with pytest.raises(TrainingError, match="nothing was registered"):
-        run_sweep(job, output_json=out, trial_fn=toy_trial, console=quiet())
+        run_sweep(job, output_json=out, trial_fn=toy_trial, console=console)
+    assert "automatic space" in console.file.getvalue()
     report = json.loads(out.read_text())
-    assert report["registered_model"] is None
-    assert {trial["state"] for trial in report["trials"]} == {"failed"}
+    assert report["registered_model"] is None and report["status"] == "FAILED"
+    for trial in report["trials"]:
+        assert trial["state"] == "failed"
+        # A tiny dataset on a CPU: the light models, with batch size and weight decay searched too.
+        assert set(trial["params"]) == {"model_name", "learning_rate", "training_batch_size", "weight_decay"}
+        assert trial["params"]["model_name"] in MODELS
 
 
 def test_waiting_for_more_nodes_than_the_cluster_has_times_out_clearly(local_ray):
