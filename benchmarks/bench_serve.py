@@ -15,7 +15,7 @@ and 8 clients share ``--requests`` requests of one image each. It reports throug
 p99 latency and the server's CPU time per request (read from /proc, steady on a shared machine).
 
     .venv/bin/python benchmarks/bench_serve.py [--models ssdlite320_mobilenet_v3_large,...]
-        [--repeat 3] [--requests 48] [--images DIR]
+        [--repeat 3] [--requests 48] [--images DIR] [--threads 1] [--no-service]
 """
 
 from __future__ import annotations
@@ -253,6 +253,7 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: raccoon)")
     parser.add_argument("--count", type=int, default=10, help="images per pass")
     parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+    parser.add_argument("--no-service", action="store_true", help="part 1 only")
     parser.add_argument(
         "--threads",
         type=int,
@@ -266,7 +267,8 @@ def main() -> None:
     print(f"images: {described}; machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as root:
         saved = bench_models(args.models.split(","), images, args.repeat, args.threads, Path(root))
-        bench_service(saved[args.models.split(",")[0]], paths[0], args.requests)
+        if not args.no_service:
+            bench_service(saved[args.models.split(",")[0]], paths[0], args.requests)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -11,7 +11,7 @@ first optimizer step in any trial, taken with torch's global optimizer hook): go
 The first sweep starts in an empty workspace (MLflow schema created, data registered), the
 second in the same workspace (both already there).
 
-    .venv/bin/python benchmarks/bench_sweep.py [--trials 6] [--epochs 8] [--minutes 3]
+    .venv/bin/python benchmarks/bench_sweep.py [--trials 6] [--epochs 6] [--minutes 3]
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def sweep_config(args: argparse.Namespace, workspace: Path, early_termination: b
 
 def timed_run_trial(job, **kwargs):
     """``run_trial``, noting when this trial's first optimizer step happens (runs in a Ray worker)."""
-    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from visionautoml.training.trial import run_trial
 
@@ -82,7 +82,7 @@ def timed_run_trial(job, **kwargs):
             marker.write_text(repr(time.time()))
         handle.remove()
 
-    handle = torch.optim.optimizer.register_optimizer_step_post_hook(note_first_step)
+    handle = register_optimizer_step_post_hook(note_first_step)
     return run_trial(job, **kwargs)
 
 
@@ -126,7 +126,7 @@ def run_variant(args: argparse.Namespace, workspace: Path, early_termination: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--minutes", type=float, default=3.0, help="max_minutes of each trial")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -647,11 +647,11 @@ def models_show(
     from rich.table import Table
 
     from visionautoml.errors import TrackingError
-    from visionautoml.tracking.registry import PRIMARY_METRIC, VALIDATION_DATASET_TAG, list_versions
+    from visionautoml.tracking.registry import VALIDATION_DATASET_TAG, list_versions
 
     if not _use_model_store(config, workspace):
         raise TrackingError(f"no registered model named '{name}': the tracking store does not exist yet")
-    table = Table("version", "aliases", PRIMARY_METRIC, "validation dataset", "model_name", "run", title=name)
+    table = Table("version", "aliases", "mAP", "validation dataset", "model_name", "run", title=name)
     for version in list_versions(name):
         metric = version.metric()
         table.add_row(
@@ -742,8 +742,8 @@ def export(
     _check_choice(format, ("onnx",), "--format")
     result = export_model(model, out, images=images, attach=attach, tolerance_px=tolerance)
     console.print(result.parity.summary(), soft_wrap=True)
-    for where in result.recorded_on:
-        console.print(f"recorded on {where}", soft_wrap=True)
+    for record in result.recorded_on:
+        console.print(record, soft_wrap=True)
     console.print(f"wrote {result.directory}", soft_wrap=True)
 
 

@@ -32,7 +32,9 @@ import torch
 import torchvision.ops.poolers
 from torch import nn
 
+from visionautoml.deploy.predict import collect_images
 from visionautoml.deploy.runtime import (
+    EXPORT_SUBDIR,
     LABELS_FILE,
     ONNX_FILE,
     PARITY_FILE,
@@ -40,9 +42,12 @@ from visionautoml.deploy.runtime import (
     ExportSettings,
     make_session,
     quiet_downloads,
+    registry_version,
 )
-from visionautoml.errors import DataError, VisionAutoMLError
+from visionautoml.errors import DataError, TrackingError, VisionAutoMLError
 from visionautoml.files import atomic_path, atomic_write_text
+from visionautoml.models.imageio import decode_image_file
+from visionautoml.models.saved import load_model
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +291,6 @@ def export_model(
     recorded as tags on the logged model and the registry version; ``attach`` also
     uploads the export into the model's artifacts, where serving and prediction find it.
     """
-    from visionautoml.models.saved import load_model
     from visionautoml.tracking.models import resolve_model
 
     quiet_downloads()
@@ -315,9 +319,6 @@ def export_model(
 
 def sample_images(model: str, images: Sequence[str | Path] = ()) -> tuple[list[torch.Tensor], str]:
     """Up to :data:`PARITY_IMAGES` decoded parity images and where they came from."""
-    from visionautoml.deploy.predict import collect_images
-    from visionautoml.models.imageio import decode_image_file
-
     if images:
         paths = [path for _, path in collect_images(images)][:PARITY_IMAGES]
         return [decode_image_file(path) for path in paths], "given"
@@ -372,8 +373,6 @@ def _record(model: str, result: ExportResult, *, attach: bool) -> list[str]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from visionautoml.deploy.runtime import EXPORT_SUBDIR, registry_version
-    from visionautoml.errors import TrackingError
     from visionautoml.models.pyfunc import ARTIFACT_KEY
     from visionautoml.tracking.workspace import current_tracking_uri
 
@@ -391,12 +390,12 @@ def _record(model: str, result: ExportResult, *, attach: bool) -> list[str]:
         info = mlflow.models.get_model_info(model)
         if info.model_id:
             client.set_logged_model_tags(info.model_id, tags)
-            recorded.append(f"logged model {info.model_id}")
+            recorded.append(f"parity tags on logged model {info.model_id}")
         registered = registry_version(model)
         if registered is not None:
             for key, value in tags.items():
                 client.set_model_version_tag(registered[0], registered[1], key, value)
-            recorded.append(f"model {registered[0]} version {registered[1]}")
+            recorded.append(f"parity tags on model {registered[0]} version {registered[1]}")
         if attach:
             saved = (info.flavors.get("python_function", {}).get("artifacts") or {}).get(ARTIFACT_KEY, {})
             if not info.model_id or "path" not in saved:
@@ -406,7 +405,9 @@ def _record(model: str, result: ExportResult, *, attach: bool) -> list[str]:
             client.log_model_artifacts(
                 info.model_id, str(result.directory), f"{saved['path']}/{EXPORT_SUBDIR}"
             )
-            recorded.append(f"attached to {info.model_id} as {saved['path']}/{EXPORT_SUBDIR}")
+            recorded.append(
+                f"export attached to logged model {info.model_id} as {saved['path']}/{EXPORT_SUBDIR}"
+            )
     except MlflowException as error:
         raise TrackingError(
             f"{model}: exported to {result.directory}, but recording it in MLflow failed: "

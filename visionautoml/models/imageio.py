@@ -36,7 +36,9 @@ def image_size_from_header(data: bytes, *, name: str = "image") -> tuple[int, in
         raise DataError(
             f"{name}: refused, the image claims more than {MAX_PIXELS:,} pixels (decompression bomb?)"
         ) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: not an image in any known format; use JPEG or PNG files") from None
+    except (OSError, ValueError, SyntaxError) as error:
         raise DataError(
             f"{name}: not a readable image ({_first_line(error)}); use JPEG or PNG files"
         ) from None

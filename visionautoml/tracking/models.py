@@ -80,6 +80,9 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None, dst: Path | None
             "logged to"
         )
     destination = dst or Path(tempfile.mkdtemp(prefix="visionautoml-model-"))
+    # `models:/` URIs are looked up in the process-wide registry, whatever tracking_uri says.
+    previous_store = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store)
     try:
         downloaded = mlflow.artifacts.download_artifacts(
             artifact_uri=uri, dst_path=str(destination), tracking_uri=store
@@ -92,6 +95,8 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None, dst: Path | None
         ) from None
     except OSError as error:
         raise TrackingError(f"{uri}: cannot download the model: {error}") from None
+    finally:
+        mlflow.set_tracking_uri(previous_store)
     return _saved_model_in(Path(downloaded), uri)
 
 
