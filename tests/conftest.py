@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,3 +180,19 @@ def deploy_registry(deploy_model: DeployModel, tmp_path_factory: pytest.TempPath
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return f"sqlite:///{workspace / 'mlflow.db'}", "models:/deploy-tiny@candidate"
+
+
+@pytest.fixture(autouse=True)
+def no_tracking_store_leaks_between_tests():
+    """`connect()` makes a store MLflow's process-wide current one and exports MLFLOW_TRACKING_URI,
+    which overrides a config's tracking URI; the next test must not inherit the previous one's store."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._tracking_service import utils
+
+        utils._tracking_uri = None
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved

@@ -32,7 +32,7 @@ def test_bad_value_names_the_field(tmp_path: Path) -> None:
 
 
 def test_unknown_key_is_an_error_not_a_silent_default() -> None:
-    with pytest.raises(ConfigError, match="training_parameters.learnig_rate"):
+    with pytest.raises(ConfigError, match=r"training_parameters\.learnig_rate"):
         parse_config({"training_parameters": {"learnig_rate": 0.01}})
 
 

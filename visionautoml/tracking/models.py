@@ -13,15 +13,18 @@ Everything else (evaluate, export, serve) needs only the saved-model directory, 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from visionautoml.errors import TrackingError
 from visionautoml.tracking.auth import scrub_credentials, server_name
-from visionautoml.tracking.workspace import current_tracking_uri, sqlite_path
+from visionautoml.tracking.workspace import ENV_TRACKING_URI, current_tracking_uri, sqlite_path
 
 MODEL_ARTIFACT_NAME = "model"
 SAVED_MODEL_FILE = "model.json"
@@ -80,13 +83,11 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None, dst: Path | None
             "logged to"
         )
     destination = dst or Path(tempfile.mkdtemp(prefix="visionautoml-model-"))
-    # `models:/` URIs are looked up in the process-wide registry, whatever tracking_uri says.
-    previous_store = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(store)
     try:
-        downloaded = mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(destination), tracking_uri=store
-        )
+        with _current_store(store):
+            downloaded = mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(destination), tracking_uri=store
+            )
     except MlflowException as error:
         raise TrackingError(
             f"{uri}: cannot fetch the model from the tracking store {server_name(store)}: "
@@ -95,9 +96,30 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None, dst: Path | None
         ) from None
     except OSError as error:
         raise TrackingError(f"{uri}: cannot download the model: {error}") from None
-    finally:
-        mlflow.set_tracking_uri(previous_store)
     return _saved_model_in(Path(downloaded), uri)
+
+
+@contextmanager
+def _current_store(uri: str) -> Iterator[None]:
+    """Make ``uri`` MLflow's current store, then restore exactly what was there before.
+
+    ``models:/`` URIs are looked up in the process-wide registry whatever ``tracking_uri`` says.
+    ``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI (and unsets it on None), so both
+    the module global and the variable are put back by hand.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_global, saved_variable = utils._tracking_uri, os.environ.get(ENV_TRACKING_URI)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = saved_global
+        if saved_variable is None:
+            os.environ.pop(ENV_TRACKING_URI, None)
+        else:
+            os.environ[ENV_TRACKING_URI] = saved_variable
 
 
 def _saved_model_in(directory: Path, uri: str) -> Path:
