@@ -182,17 +182,20 @@ def deploy_registry(deploy_model: DeployModel, tmp_path_factory: pytest.TempPath
     return f"sqlite:///{workspace / 'mlflow.db'}", "models:/deploy-tiny@candidate"
 
 
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 @pytest.fixture(autouse=True)
 def no_tracking_store_leaks_between_tests():
     """`connect()` makes a store MLflow's process-wide current one and exports MLFLOW_TRACKING_URI,
-    which overrides a config's tracking URI; the next test must not inherit the previous one's store."""
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    which overrides a config's tracking URI; no test may inherit a store an earlier test or fixture
+    chose, so both go back to what the user's environment had."""
     yield
     if "mlflow" in sys.modules:
         from mlflow.tracking._tracking_service import utils
 
         utils._tracking_uri = None
-    if saved is None:
+    if _USER_TRACKING_URI is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
-        os.environ["MLFLOW_TRACKING_URI"] = saved
+        os.environ["MLFLOW_TRACKING_URI"] = _USER_TRACKING_URI

@@ -28,8 +28,9 @@ def store(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def tracking(store, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI, which would override --workspace below.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 def logged_model(tmp_path: Path) -> str:

@@ -13,10 +13,13 @@ trials are kept, trials that were running start again.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
 import math
 import re
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -159,6 +162,7 @@ def run_sweep(
     experiment_id = connect(job)
     prepared = _prepare_data(job, state, console)
 
+    _start_importing("visionautoml.models.zoo")  # for _plan, while Ray starts
     with compute.ray_session(
         job.compute, on_status=lambda text: console.print(f"[dim]{text}[/dim]")
     ) as cluster:
@@ -316,6 +320,19 @@ def _plan(
     for note in plan.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     return plan, automatic
+
+
+def _start_importing(module: str) -> None:
+    """Import ``module`` in a background thread: torch takes seconds, which the sweep spends waiting for Ray.
+
+    A later ``import`` of the module waits for this one; a failure here is left for it to report.
+    """
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
+
+    threading.Thread(target=load, name=f"import {module}", daemon=True).start()
 
 
 def _available_models() -> list[str] | None:
