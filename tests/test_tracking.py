@@ -40,6 +40,12 @@ def store(tmp_path_factory) -> Iterator[JobConfig]:
     workspace._connected_uri = None
 
 
+@pytest.fixture(autouse=True)
+def current_store(store):
+    """Every test talks to the module's store: the suite resets MLflow's current store after each test."""
+    connect(store)
+
+
 @pytest.fixture(scope="module")
 def logged(store, tmp_path_factory) -> dict:
     """A tiny detector saved, logged as a pyfunc model and registered as version 1 of ``tiny``."""
