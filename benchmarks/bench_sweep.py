@@ -11,7 +11,7 @@ first optimizer step in any trial, taken with torch's global optimizer hook): go
 The first sweep starts in an empty workspace (MLflow schema created, data registered), the
 second in the same workspace (both already there).
 
-    .venv/bin/python benchmarks/bench_sweep.py [--trials 6] [--epochs 6] [--minutes 3]
+    .venv/bin/python benchmarks/bench_sweep.py [--trials 6] [--epochs 8] [--minutes 6]
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ FIRST_STEP_FILE = "first-step.txt"
 
 
 def sweep_config(args: argparse.Namespace, workspace: Path, early_termination: bool) -> dict:
-    """The benchmark's search space: learning rates from useless to good, so there is something to stop."""
+    """The benchmark's search space: a wide learning-rate range, from too small to learn to too large.
+
+    A first sweep over an unknown problem looks like this; most of it is not worth finishing.
+    """
     config = {
         "experiment_name": "bench-sweep-" + ("bandit" if early_termination else "baseline"),
         "workspace": str(workspace),
@@ -44,7 +47,7 @@ def sweep_config(args: argparse.Namespace, workspace: Path, early_termination: b
         "training_parameters": {
             "model_name": "ssdlite320_mobilenet_v3_large",
             "pretrained": "none",
-            "image_size": 320,
+            "image_size": 256,
             "optimizer": "adamw",
             "number_of_epochs": args.epochs,
             "max_minutes": args.minutes,
@@ -55,7 +58,7 @@ def sweep_config(args: argparse.Namespace, workspace: Path, early_termination: b
             "seed": 7,
         },
         "search_space": [
-            {"learning_rate": {"type": "loguniform", "min_value": 0.00002, "max_value": 0.005}},
+            {"learning_rate": {"type": "loguniform", "min_value": 0.00001, "max_value": 0.05}},
         ],
         "register": {"model_name": "bench-sweep"},
     }
@@ -126,8 +129,8 @@ def run_variant(args: argparse.Namespace, workspace: Path, early_termination: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--minutes", type=float, default=3.0, help="max_minutes of each trial")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--minutes", type=float, default=6.0, help="max_minutes of each trial")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
