@@ -130,8 +130,8 @@ def replay_curve(config):
 @pytest.fixture(scope="module")
 def local_ray():
     temp_dir = tempfile.mkdtemp(prefix="vaml-test-ray-", dir="/tmp")
-    compute.start_local_ray(num_cpus=2, temp_dir=temp_dir)
     try:
+        compute.start_local_ray(num_cpus=2, temp_dir=temp_dir)
         yield
     finally:
         ray.shutdown()

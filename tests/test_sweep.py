@@ -95,8 +95,8 @@ def toy_trial(job, *, params, reporter, parent_run_id, run_name):
 def local_ray():
     """One loopback-only Ray for the module; run_sweep uses a running Ray as it is."""
     temp_dir = tempfile.mkdtemp(prefix="vaml-test-ray-", dir="/tmp")
-    compute.start_local_ray(num_cpus=2, temp_dir=temp_dir)
     try:
+        compute.start_local_ray(num_cpus=2, temp_dir=temp_dir)
         yield
     finally:
         ray.shutdown()

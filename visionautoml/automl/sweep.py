@@ -159,6 +159,9 @@ def run_sweep(
     job = apply_credentials(job).model_copy(update={"workspace": str(workspace_dir(job))})
     state_file = Path(job.workspace) / SWEEPS_DIR / f"{fingerprint}.json"
     state = _load_state(state_file, resume, fingerprint)
+    if job.search_space:  # a bad space fails now, before any work; model names are checked with the zoo
+        space.validate_space(job.search_space, job.training_parameters)
+        space.plan_search(job.search_space, job.sweep.sampling_algorithm, 1, 0)
     experiment_id = connect(job)
     prepared = _prepare_data(job, state, console)
 
@@ -459,6 +462,8 @@ def _tuner(
             scheduler=scheduler,
             max_concurrent_trials=limits.max_concurrent_trials,
             time_budget_s=(deadline - time.time() + _grace_s(limits.timeout_minutes)) if deadline else None,
+            # A fresh process per trial: with reused actors (Ray 2.60), a trial whose process dies is
+            # left PENDING and never recorded as failed.
             reuse_actors=False,
         ),
         run_config=tune.RunConfig(

@@ -22,6 +22,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from visionautoml.config import JobConfig
 from visionautoml.errors import TrackingError
 
 PRIMARY_METRIC = "mean_average_precision"
@@ -288,7 +289,7 @@ def _first_line(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def use_store(job: Any) -> str | None:
+def use_store(job: JobConfig) -> str | None:
     """Point MLflow at ``job``'s tracking store for registry commands; None if its local store is absent.
 
     Unlike a training run this creates nothing: listing models of a workspace that has no
