@@ -181,7 +181,18 @@ def test_grid_sweep_with_bandit_stops_the_weak_trials_and_registers_the_best(
     states = sorted((run.data.tags["trial_state"], run.info.status) for run in children)
     assert states == [("completed", "FINISHED")] * 2 + [("early_terminated", "KILLED")] * 2
     artifacts = {item.path for item in client.list_artifacts(result.parent_run_id)}
-    assert {"leaderboard.md", "leaderboard.csv", "config.yaml", "search_space.json"} <= artifacts
+    assert {
+        "leaderboard.md",
+        "leaderboard.csv",
+        "config.yaml",
+        "search_space.json",
+        "report.html",
+    } <= artifacts
+    # The report is written next to the output JSON, and the same page is in the parent run.
+    assert result.report == tmp_path / "report.html"
+    logged = client.download_artifacts(result.parent_run_id, "report.html", str(tmp_path / "logged"))
+    assert Path(logged).read_bytes() == result.report.read_bytes()
+    assert "leaderboard-table" in result.report.read_text()
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["best_trial_run_id"] == result.best.run_id
@@ -203,6 +214,7 @@ def test_grid_sweep_with_bandit_stops_the_weak_trials_and_registers_the_best(
         "aliases": ["candidate"],
     }
     assert report["parent_run_id"] == result.parent_run_id
+    assert report["report"] == str(tmp_path / "report.html")
     assert [trial["state"] for trial in report["trials"]].count("early_terminated") == 2
 
 

@@ -83,6 +83,7 @@ class SweepResult:
     registered_model: RegisteredModel | None
     promotion: registry.PromotionDecision | None
     leaderboard_markdown: str
+    report: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         best = self.best
@@ -97,6 +98,7 @@ class SweepResult:
             "trials": [asdict(trial) for trial in self.trials],
             "registered_model": asdict(self.registered_model) if self.registered_model else None,
             "promotion": self.promotion.to_dict() if self.promotion else None,
+            "report": str(self.report) if self.report else None,
         }
 
 
@@ -205,8 +207,20 @@ def run_sweep(
     runs.tag_parent(parent_run_id, best, f"{registered.name}/{registered.version}" if registered else None)
     runs.end_run(parent_run_id, "FINISHED" if registered else "FAILED")
     _save_state(state_file, {**_load_json(state_file), "finished": True})
+    report_path = (
+        Path(output_json).with_name("report.html")
+        if output_json
+        else state_file.parent / f"{parent_run_id}.html"
+    )
+    from visionautoml.automl.report import report_after_sweep  # matplotlib: only once trials are done
 
-    result = SweepResult(parent_run_id, experiment_id, records, best, registered, promotion, leaderboard)
+    report = report_after_sweep(parent_run_id, report_path)
+    if report:
+        console.print(f"Report: {report} (also the parent run's report.html)", soft_wrap=True)
+
+    result = SweepResult(
+        parent_run_id, experiment_id, records, best, registered, promotion, leaderboard, report
+    )
     if output_json:
         atomic_write_text(output_json, json.dumps(result.to_dict(), indent=2) + "\n")
     if registered is None:
@@ -374,11 +388,14 @@ def _run_trials(
         BoardCallback.active = (board, live)
         try:
             with _quiet_tune_logs():
-                tuner.fit()
+                grid = tuner.fit()
         finally:
             BoardCallback.active = None
     records = _collect(
-        storage, stop_reasons(scheduler), deadline, TrialTimeLimit(limits.trial_timeout_minutes).limit_s
+        _final_trials(grid, storage),
+        stop_reasons(scheduler),
+        deadline,
+        TrialTimeLimit(limits.trial_timeout_minutes).limit_s,
     )
     return _Trials(records, board.searched, total, _interrupted(records, total, deadline))
 
@@ -509,13 +526,24 @@ def _quiet_tune_logs() -> Iterator[None]:
         tune_logger.setLevel(level)
 
 
+def _final_trials(grid: Any, storage: str) -> list[Any]:
+    """Every trial of the experiment (this run's and, after ``--resume``, the earlier ones').
+
+    The Tuner's own trial objects, not the experiment state it saved: Ray 2.60 may save a
+    trial whose process died as PENDING (a stale cached state) although it ended in ERROR,
+    which would make a finished sweep look interrupted.
+    """
+    analysis = getattr(grid, "_experiment_analysis", None)  # no public accessor for the trials
+    trials = getattr(analysis, "trials", None) or tune.ExperimentAnalysis(storage).trials
+    return sorted(trials, key=lambda item: item.trial_id)
+
+
 def _collect(
-    storage: str, reasons: dict[str, str], deadline: float | None, trial_limit_s: float | None
+    trials: list[Any], reasons: dict[str, str], deadline: float | None, trial_limit_s: float | None
 ) -> list[TrialRecord]:
-    """Every trial of the experiment (this run's and, after ``--resume``, the earlier ones')."""
-    analysis = tune.ExperimentAnalysis(storage)
+    """One record per trial: its state, why it ended, its last metrics."""
     records = []
-    for trial in sorted(analysis.trials, key=lambda item: item.trial_id):
+    for trial in trials:
         last = trial.last_result or {}
         params = dict((trial.config or {}).get("params", {}))
         if trial.status == "ERROR":
