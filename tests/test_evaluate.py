@@ -23,6 +23,7 @@ from visionautoml.errors import VisionAutoMLError
 from visionautoml.models.saved import ModelSpec, save_model
 from visionautoml.models.zoo import build_model
 from visionautoml.training.evaluate import (
+    EVALUATION_SCORE_FLOOR,
     Evaluation,
     evaluate_model,
     evaluate_predictions,
@@ -103,6 +104,39 @@ def test_predict_loader_keeps_loader_order_and_restores_the_training_mode():
     assert metrics["per_class_metrics"]["a"]["ground_truth_boxes"] == 1
     assert metrics["per_class"]["a"] == pytest.approx(1.0)
     assert metrics["per_class_metrics"]["a"]["precision"] == pytest.approx(1 / 3)
+
+
+class ThresholdedDetector(CornerDetector):
+    """Like torchvision's one-stage detectors: drops detections scoring below ``score_thresh``."""
+
+    def __init__(self, score_thresh: float) -> None:
+        super().__init__()
+        self.score_thresh = score_thresh
+        self.seen_thresholds: list[float] = []
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        self.seen_thresholds.append(self.score_thresh)
+        outputs = super().forward(images)
+        for output in outputs:
+            output["scores"] = torch.tensor([0.2])
+        return [
+            {k: v[output["scores"] >= self.score_thresh] for k, v in output.items()} for output in outputs
+        ]
+
+
+def test_map_ranks_detections_below_the_deployment_threshold_but_precision_does_not():
+    images = [torch.rand(3, 40, 60)]
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 30.0, 20.0]]), "labels": torch.tensor([1])}]
+    module = ThresholdedDetector(score_thresh=0.3)
+
+    truths, found = predict_loader(module, [(images, targets)], "cpu")
+
+    # The box scores 0.2: kept for mAP, whatever the model's own threshold, which is restored after.
+    assert module.seen_thresholds == [EVALUATION_SCORE_FLOOR] and module.score_thresh == 0.3
+    assert found[0].scores.tolist() == pytest.approx([0.2])
+    metrics = evaluate_predictions(truths, found, ["a"], TrainingParameters(box_score_threshold=0.3)).metrics
+    assert metrics["mean_average_precision"] == pytest.approx(1.0)
+    assert metrics["precision"] == 0.0 and metrics["recall"] == 0.0
 
 
 def test_written_files_rescored_by_pycocotools_reproduce_every_coco_stat(tmp_path):

@@ -48,6 +48,7 @@ from visionautoml.errors import DataError, TrackingError, VisionAutoMLError
 from visionautoml.files import atomic_path, atomic_write_text
 from visionautoml.models.imageio import decode_image_file
 from visionautoml.models.saved import load_model
+from visionautoml.models.zoo import score_threshold, set_score_threshold
 
 log = logging.getLogger(__name__)
 
@@ -115,18 +116,6 @@ class ExportResult:
     settings: ExportSettings
     parity: ParityReport
     recorded_on: list[str] = field(default_factory=list)
-
-
-def set_score_threshold(detector: nn.Module, threshold: float) -> None:
-    """torchvision keeps the threshold on the ROI heads (two-stage) or on the detector (one-stage)."""
-    owner = getattr(detector, "roi_heads", detector)
-    if not hasattr(owner, "score_thresh"):
-        raise ExportError(f"{type(detector).__name__} is not a torchvision detector (no score_thresh)")
-    owner.score_thresh = threshold
-
-
-def score_threshold(detector: nn.Module) -> float:
-    return float(getattr(detector, "roi_heads", detector).score_thresh)
 
 
 def export_detector(detector: nn.Module, path: Path, sample: torch.Tensor, *, model_name: str) -> list[str]:

@@ -13,7 +13,8 @@ torchvision's own builder, key by key and shape by shape, so real COCO files loa
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -442,3 +443,30 @@ def parameter_count(model_name: str, num_classes: int = 91) -> int:
     with torch.device("meta"):
         module = entry.builder(num_classes, _setup(entry, params, None))
     return sum(parameter.numel() for parameter in module.parameters())
+
+
+def score_threshold(detector: nn.Module) -> float | None:
+    """The score below which ``detector`` drops detections; None for a module that is not a zoo detector.
+
+    torchvision keeps it on the ROI heads (two-stage) or on the detector itself (one-stage).
+    """
+    owner = getattr(detector, "roi_heads", detector)
+    return float(owner.score_thresh) if hasattr(owner, "score_thresh") else None
+
+
+def set_score_threshold(detector: nn.Module, threshold: float) -> None:
+    getattr(detector, "roi_heads", detector).score_thresh = threshold
+
+
+@contextmanager
+def score_threshold_at_most(detector: nn.Module, threshold: float) -> Iterator[None]:
+    """Let ``detector`` return detections down to ``threshold`` for a while (no-op if it already does)."""
+    original = score_threshold(detector)
+    if original is None or original <= threshold:
+        yield
+        return
+    set_score_threshold(detector, threshold)
+    try:
+        yield
+    finally:
+        set_score_threshold(detector, original)

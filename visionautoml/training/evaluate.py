@@ -27,6 +27,7 @@ from visionautoml.data.formats import read_dataset
 from visionautoml.errors import ConfigError, VisionAutoMLError
 from visionautoml.files import atomic_write_text
 from visionautoml.models.saved import load_model
+from visionautoml.models.zoo import score_threshold_at_most
 from visionautoml.tracking.models import resolve_model
 from visionautoml.training.dataset import make_data_loader
 from visionautoml.training.metrics import (
@@ -38,6 +39,15 @@ from visionautoml.training.metrics import (
 )
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
+
+EVALUATION_SCORE_FLOOR = 0.001
+"""Validation keeps detections down to this score, whatever the model's ``box_score_threshold``.
+
+Average precision ranks every detection, as COCO's and torchvision's references score it: a
+deployment threshold such as the default 0.3 would cut the precision-recall curve's tail and
+understate mAP. ``precision``, ``recall``, the confusion matrix and the drawn predictions still
+count only detections at ``box_score_threshold``.
+"""
 
 
 @dataclass
@@ -72,7 +82,11 @@ def predict_loader(
     module.eval()
     total = len(loader) if isinstance(loader, Sized) else None
     try:
-        with torch.inference_mode(), _progress(console) as progress:
+        with (
+            torch.inference_mode(),
+            score_threshold_at_most(module, EVALUATION_SCORE_FLOOR),
+            _progress(console) as progress,
+        ):
             task = progress.add_task("validating", total=total)
             for images, targets in loader:
                 outputs = module([image.to(device, non_blocking=True) for image in images])
