@@ -20,12 +20,14 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO_ROOT, make_voc_dataset
 
-HEAD_IP, WORKER_IP, PORT = "10.213.0.1", "10.213.0.2", 6379
+HEAD_IP, WORKER_IP, PORT, DASHBOARD_PORT = "10.213.0.1", "10.213.0.2", 6379, 8265
 ADDRESS = f"{HEAD_IP}:{PORT}"
 VENV_BIN = Path(sys.executable).parent
 MEMORY, OBJECT_STORE = 400 * 1024**2, 100 * 1024**2
@@ -47,7 +49,8 @@ def run(*command: str) -> None:
 class Cluster:
     """Two namespaces with a Ray node each; ``close`` undoes everything ``start`` did."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, *, workers: int = 1, dashboard: bool = False):
+        self.workers, self.dashboard = workers, dashboard
         tag = f"{os.getpid() % 100000}"
         self.head_ns, self.worker_ns = f"vaml{tag}h", f"vaml{tag}w"
         self.veth = (f"vv{tag}a", f"vv{tag}b")
@@ -59,6 +62,8 @@ class Cluster:
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
             "RAY_USAGE_STATS_ENABLED": "0",
             "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'tests'}",
+            # Ray jobs run `python` from the head's PATH: this environment's, with visionautoml
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         }
         self.env.pop("MLFLOW_TRACKING_URI", None)
         self.namespaces: list[str] = []
@@ -86,13 +91,22 @@ class Cluster:
                 f"--port={PORT}",
                 "--node-ip-address",
                 HEAD_IP,
-                "--include-dashboard=false",
+                *(
+                    (f"--dashboard-host={HEAD_IP}", f"--dashboard-port={DASHBOARD_PORT}")
+                    if self.dashboard
+                    else ("--include-dashboard=false",)
+                ),
             )
         )
         self._wait_for_port(self.head_ns, PORT)
-        self.nodes.append(
-            self._ray_start(self.worker_ns, "worker", f"--address={ADDRESS}", "--node-ip-address", WORKER_IP)
-        )
+        if self.dashboard:
+            self._wait_for_port(self.head_ns, DASHBOARD_PORT)
+        if self.workers:
+            self.nodes.append(
+                self._ray_start(
+                    self.worker_ns, "worker", f"--address={ADDRESS}", "--node-ip-address", WORKER_IP
+                )
+            )
 
     def _ray_start(self, namespace: str, name: str, *arguments: str) -> subprocess.Popen:
         # A short temp dir of its own: Ray's socket paths must stay under 107 bytes.
@@ -156,12 +170,12 @@ class Cluster:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@contextlib.contextmanager
+def running_cluster(workdir: Path, **options: object) -> Iterator[Cluster]:
     reason = netns_available()
     if reason:
         pytest.skip(reason)
-    cluster = Cluster(tmp_path)
+    cluster = Cluster(workdir, **options)
     try:
         cluster.start()
         yield cluster
@@ -171,6 +185,19 @@ def cluster(tmp_path):
         cluster.head_ns,
         cluster.worker_ns,
     }
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with running_cluster(tmp_path) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def head_with_job_api(tmp_path):
+    """One head node whose dashboard serves Ray's job submission API."""
+    with running_cluster(tmp_path, workers=0, dashboard=True) as cluster:
+        yield cluster
 
 
 DRIVER = textwrap.dedent(
@@ -250,3 +277,52 @@ def test_the_cluster_template_is_valid_and_scales_gpu_workers_like_the_original(
     assert (workers["min_workers"], workers["max_workers"], template["idle_timeout_minutes"]) == (0, 4, 30)
     assert workers["resources"]["GPU"] >= 1
     assert template["available_node_types"][template["head_node_type"]]["resources"] == {"CPU": 0}
+
+
+def test_a_detached_pipeline_runs_as_a_ray_job_and_a_second_process_waits_for_it(head_with_job_api, tmp_path):
+    cluster = head_with_job_api
+    data = make_voc_dataset(tmp_path / "data", n_images=10)
+    config = {
+        "experiment_name": "on-the-cluster",
+        "workspace": str(tmp_path / "ws"),
+        # Resolved on the cluster: the job gets the value only through its runtime env.
+        "pipeline": {"data": "${secret:CLUSTER_DATA_SOURCE}", "validation_every": 5, "export": False},
+        "training_parameters": {
+            "model_name": "ssdlite320_mobilenet_v3_large",
+            "pretrained": "none",
+            "number_of_epochs": 1,
+            "image_size": 64,
+            "validation_batch_size": 2,
+        },
+        "compute": {"target": "ray", "address": ADDRESS},
+        "register": {"model_name": "cluster-detector"},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    secret = str(data)
+    visionautoml = str(VENV_BIN / "visionautoml")
+
+    cluster.env["CLUSTER_DATA_SOURCE"] = secret
+    started = cluster.exec(visionautoml, "pipeline", "run", str(path), "--detach", timeout_s=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    run_id = started.stdout.strip()
+    record = json.loads((tmp_path / "ws" / "pipeline" / "runs" / run_id / "state.json").read_text())
+    assert record["ray_job_id"] == f"visionautoml-{run_id}"
+    assert record["ray_dashboard"] == f"http://{HEAD_IP}:{DASHBOARD_PORT}"
+
+    del cluster.env["CLUSTER_DATA_SOURCE"]  # a later CI job, without the secret
+    waited = cluster.exec(
+        visionautoml, "runs", "wait", run_id, "--workspace", str(tmp_path / "ws"), timeout_s=300
+    )
+    output = waited.stdout + waited.stderr
+    assert waited.returncode == 0, output
+    assert "[10/10] export done" in output
+    assert f"outcome of pipeline run {run_id}: succeeded" in output
+    assert secret not in output and "***" in output
+
+    shown = cluster.exec(visionautoml, "runs", "show", run_id, "--workspace", str(tmp_path / "ws"))
+    state = json.loads(shown.stdout)
+    assert state["status"] == "succeeded"
+    assert state["result"]["registered_model"]["name"] == "cluster-detector"
+    assert [step["status"] for step in state["steps"]] == ["done"] * 10
+    assert secret not in shown.stdout

@@ -921,7 +921,10 @@ def pipeline_run(
         None, "--data", help="URL, zip/tar archive or folder to use instead of the config's pipeline.data."
     ),
     detach: bool = typer.Option(
-        False, "--detach", help="Run in the background: print the run id (alone on stdout) and exit 0."
+        False,
+        "--detach",
+        help="Run in the background (a Ray job on the cluster when compute.target is ray, else a detached "
+        "process): print the run id (alone on stdout) and exit 0.",
     ),
     output_json: Path | None = typer.Option(
         None, "--output-json", help="Write the outcome (datasets, metrics, leaderboard, model) as JSON here."
@@ -950,7 +953,12 @@ def pipeline_run(
     if detach:
         record = detach_pipeline(config, data=data, output_json=output)
         follow = f"visionautoml runs wait {record.id} --workspace {record.workspace}"
-        err_console.print(f"started pipeline run {record.id} in the background (log: {record.log_path})")
+        where = (
+            f"Ray job {record.ray_job_id} at {record.ray_dashboard}"
+            if record.ray_job_id
+            else f"log: {record.log_path}"
+        )
+        err_console.print(f"started pipeline run {record.id} in the background ({where})", soft_wrap=True)
         err_console.print(f"follow it with: {follow}", soft_wrap=True)
         typer.echo(record.id)  # alone on stdout, for RUN_ID=$(visionautoml pipeline run ... --detach)
         return
@@ -996,7 +1004,7 @@ def runs_show(
 def runs_logs(
     run_id: str = typer.Argument(..., help="A run id from `runs list`."), workspace: Path = WorkspaceOption
 ) -> None:
-    """Print the output of a detached run so far (`runs wait` follows it live).
+    """Print the output of a detached run so far (`runs wait` follows it live); a Ray job's from the cluster.
 
     Example: `visionautoml runs logs 20260301-101500-a1b2c3`
     """
@@ -1004,6 +1012,16 @@ def runs_logs(
     from visionautoml.pipeline.secrets import mask
 
     record = load_run(workspace, run_id)
+    if record.ray_job_id and record.ray_dashboard:
+        from visionautoml.pipeline.ray_jobs import follow
+
+        follow(
+            record.ray_job_id,
+            record.ray_dashboard,
+            timeout_s=0,
+            on_output=lambda text: typer.echo(text, nl=False),
+        )
+        return
     if not record.log_path.is_file():
         console.print(f"run {run_id} ran in the foreground: its output went to that terminal. Steps:")
         for step in record.steps:

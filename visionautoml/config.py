@@ -152,6 +152,8 @@ class Sweep(_Strict):
 class Compute(_Strict):
     target: Literal["local", "ray"] = "local"
     address: str | None = None
+    # Ray's job API, for `pipeline run --detach` on the cluster; default http://HEAD:8265
+    dashboard_address: str | None = None
     min_nodes: Annotated[int, Field(ge=1)] = 1
     min_gpus: Annotated[int, Field(ge=0)] = 0
     wait_timeout_minutes: Annotated[float, Field(gt=0)] = 20

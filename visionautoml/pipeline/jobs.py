@@ -59,6 +59,8 @@ class RunRecord:
     steps: list[dict[str, Any]] = field(default_factory=list)
     result: dict[str, Any] | None = None
     error: str | None = None
+    ray_job_id: str | None = None
+    ray_dashboard: str | None = None
 
     @property
     def folder(self) -> Path:
@@ -74,7 +76,7 @@ class RunRecord:
 
     def effective_status(self) -> str:
         """The recorded status, or ``lost`` when the process that should be running it is gone."""
-        if self.status in FINAL:
+        if self.status in FINAL or self.ray_job_id:  # a Ray job's status comes from the cluster (wait_for)
             return self.status
         if self.pid is None:
             age = time.time() - datetime.fromisoformat(self.created).timestamp() if self.created else 0.0
@@ -220,6 +222,9 @@ def wait_for(
 
     Returns the last record; the caller compares ``effective_status()`` with :data:`FINAL`.
     """
+    record = load_run(workspace, run_id)
+    if record.ray_job_id and record.status not in FINAL:
+        return _follow_ray_job(record, timeout_s, on_output)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     offset = 0
     while True:
@@ -231,6 +236,26 @@ def wait_for(
                 record.status = status
             return record
         time.sleep(_POLL_SECONDS)
+
+
+def _follow_ray_job(
+    record: RunRecord, timeout_s: float | None, on_output: Callable[[str], None] | None
+) -> RunRecord:
+    """Follow the run's Ray job; once it ended, its outcome goes into the local record."""
+    from visionautoml.pipeline import ray_jobs
+
+    assert record.ray_job_id and record.ray_dashboard
+    status, result, error = ray_jobs.follow(
+        record.ray_job_id, record.ray_dashboard, timeout_s=timeout_s, on_output=on_output
+    )
+    if status is not None:
+        if result is not None:
+            record.steps = result.get("steps", record.steps)
+        finish(record, result=result, error=error if status != SUCCEEDED else None)
+        if status != SUCCEEDED and not error:
+            record.status = FAILED
+            record.save()
+    return record
 
 
 def _stream_log(path: Path, offset: int, on_output: Callable[[str], None] | None, *, whole: bool) -> int:

@@ -125,6 +125,16 @@ def detach_pipeline(
     record = jobs.new_run(
         config, workspace=job.workspace, data=_absolute(data), output_json=output_json, detached=True
     )
+    if job.compute.target == "ray":  # the cluster runs it, beyond the reach of this CI agent's shutdown
+        from visionautoml.pipeline import ray_jobs
+
+        with masked_output():
+            record.ray_job_id, record.ray_dashboard = ray_jobs.submit(
+                config, job, data=_absolute(data), run_id=record.id
+            )
+        record.status = jobs.RUNNING
+        record.save()
+        return record
     # Not saved here: the child records its own pid, and a save from here could undo its first update.
     record.pid = jobs.start_detached(record)
     return record

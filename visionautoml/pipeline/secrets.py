@@ -396,6 +396,17 @@ def _resolve_references(raw: Any) -> tuple[list[SecretStatus], dict[str, str]]:
     return statuses, values
 
 
+def resolve_secret_values(references: list[str]) -> dict[str, str]:
+    """Reference -> value for those of ``references`` that resolve (registered for masking)."""
+    values = {}
+    for reference in references:
+        value, _, _ = _resolve_one(reference)
+        if value is not None:
+            register_secret(value)
+            values[reference] = value
+    return values
+
+
 def check_secrets(raw: Any) -> list[SecretStatus]:
     """Try every reference in ``raw``; the values are registered for masking, never returned."""
     return _resolve_references(raw)[0]
