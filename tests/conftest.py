@@ -17,6 +17,20 @@ RACCOON_DIR = REPO_ROOT.parent / "shared" / "datasets" / "raccoon"
 
 COLOURS = {"red_square": (220, 30, 30), "blue_square": (30, 30, 220)}
 
+TINY_TRAINING = {
+    "model_name": "ssdlite320_mobilenet_v3_large",
+    "pretrained": "none",
+    "image_size": 64,
+    "training_batch_size": 4,
+    "validation_batch_size": 4,
+    "number_of_workers": 0,
+    "optimizer": "adamw",
+    "learning_rate": 0.001,
+    "warmup_cosine_lr_warmup_epochs": 1,
+    "early_stopping": False,
+}
+"""Training parameters for tests that train a real model: the loop, not the model, is under test."""
+
 
 def make_voc_dataset(
     root: Path,
@@ -199,3 +213,33 @@ def no_tracking_store_leaks_between_tests():
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = _USER_TRACKING_URI
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Two intra-op threads on two cores shared with other test processes thrash (measured 100x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One loopback-only Ray for the module; run_sweep and Tune use a running Ray as it is."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    from visionautoml.automl import compute
+
+    temp_dir = tempfile.mkdtemp(prefix="vaml-test-ray-", dir="/tmp")
+    try:
+        compute.start_local_ray(num_cpus=2, temp_dir=temp_dir)
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

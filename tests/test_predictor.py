@@ -24,13 +24,7 @@ LITE = "ssdlite320_mobilenet_v3_large"
 LABELS = ["raccoon", "dog"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, busy CPU two threads spin-wait for each other (3-5x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _params(**changes) -> TrainingParameters:

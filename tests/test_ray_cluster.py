@@ -310,9 +310,12 @@ def test_a_detached_pipeline_runs_as_a_ray_job_and_a_second_process_waits_for_it
     assert record["ray_job_id"] == f"visionautoml-{run_id}"
     assert record["ray_dashboard"] == f"http://{HEAD_IP}:{DASHBOARD_PORT}"
 
-    del cluster.env["CLUSTER_DATA_SOURCE"]  # a later CI job, without the secret
+    # A later CI job on another agent: no record of the run, no secret, only the cluster's address.
+    del cluster.env["CLUSTER_DATA_SOURCE"]
+    other = str(tmp_path / "other-agent")
+    dashboard = f"http://{HEAD_IP}:{DASHBOARD_PORT}"
     waited = cluster.exec(
-        visionautoml, "runs", "wait", run_id, "--workspace", str(tmp_path / "ws"), timeout_s=300
+        visionautoml, "runs", "wait", run_id, "--workspace", other, "--cluster", dashboard, timeout_s=300
     )
     output = waited.stdout + waited.stderr
     assert waited.returncode == 0, output
@@ -320,7 +323,7 @@ def test_a_detached_pipeline_runs_as_a_ray_job_and_a_second_process_waits_for_it
     assert f"outcome of pipeline run {run_id}: succeeded" in output
     assert secret not in output and "***" in output
 
-    shown = cluster.exec(visionautoml, "runs", "show", run_id, "--workspace", str(tmp_path / "ws"))
+    shown = cluster.exec(visionautoml, "runs", "show", run_id, "--workspace", other)
     state = json.loads(shown.stdout)
     assert state["status"] == "succeeded"
     assert state["result"]["registered_model"]["name"] == "cluster-detector"

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 
 import pytest
-import ray
 from ray import cloudpickle, tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from visionautoml.automl import compute
 from visionautoml.automl.schedulers import (
     BanditPolicy,
     MedianStoppingPolicy,
@@ -125,17 +121,6 @@ def test_build_scheduler_maps_each_config_to_its_scheduler():
 def replay_curve(config):
     for interval, value in enumerate(config["curve"], start=1):
         tune.report({METRIC: value, "evaluation": interval})
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    temp_dir = tempfile.mkdtemp(prefix="vaml-test-ray-", dir="/tmp")
-    try:
-        compute.start_local_ray(num_cpus=2, temp_dir=temp_dir)
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def run_policy(settings: dict, curves: list[list[float]], storage) -> dict[int, int]:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
 from conftest import make_voc_dataset
 from mlflow import MlflowClient
 from ray import cloudpickle
@@ -89,18 +88,6 @@ def toy_trial(job, *, params, reporter, parent_run_id, run_name):
         mlflow.log_artifacts(str(model_dir), "model")
         shutil.rmtree(model_dir)
     return ToyResult(run.info.run_id, f"runs:/{run.info.run_id}/model", {PRIMARY_METRIC: best}, "FINISHED")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One loopback-only Ray for the module; run_sweep uses a running Ray as it is."""
-    temp_dir = tempfile.mkdtemp(prefix="vaml-test-ray-", dir="/tmp")
-    try:
-        compute.start_local_ray(num_cpus=2, temp_dir=temp_dir)
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

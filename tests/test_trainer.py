@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import make_voc_dataset
+from conftest import TINY_TRAINING, make_voc_dataset
 
 from visionautoml.config import TrainingParameters
 from visionautoml.data.formats import read_dataset
@@ -23,27 +22,8 @@ from visionautoml.training.trainer import (
     seed_everything,
 )
 
-TINY = {
-    "model_name": "ssdlite320_mobilenet_v3_large",
-    "pretrained": "none",
-    "image_size": 64,
-    "training_batch_size": 4,
-    "validation_batch_size": 4,
-    "number_of_workers": 0,
-    "optimizer": "adamw",
-    "learning_rate": 0.001,
-    "warmup_cosine_lr_warmup_epochs": 1,
-    "early_stopping": False,
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Two intra-op threads on two cores shared with other test processes thrash (measured 100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TINY = TINY_TRAINING
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

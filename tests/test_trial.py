@@ -11,7 +11,7 @@ import mlflow
 import pytest
 import torch
 import yaml
-from conftest import make_voc_dataset
+from conftest import TINY_TRAINING, make_voc_dataset
 from mlflow import MlflowClient
 
 from visionautoml import cli
@@ -27,28 +27,8 @@ from visionautoml.tracking.models import resolve_model
 from visionautoml.training.trial import content_digest, flat_params, git_commit, load_trial_data, run_trial
 
 SECRET = "s3cr3t-Tracking-Pa55"
-TINY = {
-    "model_name": "ssdlite320_mobilenet_v3_large",
-    "pretrained": "none",
-    "image_size": 64,
-    "number_of_epochs": 2,
-    "training_batch_size": 4,
-    "validation_batch_size": 4,
-    "number_of_workers": 0,
-    "optimizer": "adamw",
-    "learning_rate": 0.001,
-    "warmup_cosine_lr_warmup_epochs": 1,
-    "early_stopping": False,
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Two intra-op threads on two cores shared with other test processes thrash (measured 100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TINY = {**TINY_TRAINING, "number_of_epochs": 2}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

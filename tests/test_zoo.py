@@ -26,13 +26,7 @@ def _params(name: str, **changes) -> TrainingParameters:
     return TrainingParameters(model_name=name, pretrained="none", **(small | changes))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, busy CPU two threads spin-wait for each other (3-5x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _lighten(model: torch.nn.Module) -> torch.nn.Module:

@@ -1039,6 +1039,12 @@ def runs_wait(
         None, "--timeout", help="Give up after this many minutes with exit code 124 (the run goes on)."
     ),
     workspace: Path = WorkspaceOption,
+    cluster: str | None = typer.Option(
+        None,
+        "--cluster",
+        envvar="RAY_API_SERVER_ADDRESS",
+        help="Ray job API (http://HEAD:8265) to find a run submitted from another machine as a Ray job.",
+    ),
 ) -> None:
     """Follow a run until it ends, streaming its output; exit 0 only if it succeeded.
 
@@ -1049,6 +1055,8 @@ def runs_wait(
 
     * `visionautoml runs wait 20260301-101500-a1b2c3`
     * `visionautoml runs wait 20260301-101500-a1b2c3 --timeout 50`
+    * `visionautoml runs wait 20260301-101500-a1b2c3 --cluster http://10.0.0.4:8265` (a Ray job submitted
+      by another CI agent)
     """
     from visionautoml.pipeline.jobs import FINAL, SUCCEEDED, wait_for
 
@@ -1057,7 +1065,7 @@ def runs_wait(
         sys.stdout.flush()
 
     timeout_s = timeout * 60 if timeout is not None else None
-    record = wait_for(workspace, run_id, timeout_s=timeout_s, on_output=show)
+    record = wait_for(workspace, run_id, timeout_s=timeout_s, on_output=show, ray_dashboard=cluster)
     status = record.effective_status()
     if status == SUCCEEDED:
         console.print(f"outcome of pipeline run {run_id}: succeeded")

@@ -710,7 +710,13 @@ def _float(text: str) -> float | None:
 
 
 def _param_text(value: str) -> str:
-    """A searched float as the sweep's table shows it (4 significant digits); anything else as logged."""
+    """A searched float as the sweep's table shows it (4 significant digits); anything else as logged.
+
+    A parameter another sub-space searched and this trial left unset was logged as ``None``: the
+    model's default.
+    """
+    if value == "None":
+        return "default"
     number = _float(value)
     if number is None or re.fullmatch(r"-?\d+", value.strip()) or len(value) <= 8:
         return value

@@ -42,7 +42,7 @@ from rich.progress import (
 )
 
 from visionautoml.errors import FetchError
-from visionautoml.files import atomic_path
+from visionautoml.files import atomic_path, sha256_file
 
 MARKER = ".visionautoml-fetch.json"
 DEFAULT_MAX_SIZE = 10 * 2**30
@@ -315,14 +315,10 @@ def _describe(error: object) -> str:
 
 
 def _sha256_of(path: Path, shown: str) -> str:
-    digest = hashlib.sha256()
     try:
-        with path.open("rb") as stream:
-            while chunk := stream.read(CHUNK):
-                digest.update(chunk)
+        return sha256_file(path, CHUNK)
     except OSError as error:
         raise FetchError(f"{shown}: cannot read: {_describe(error)}") from None
-    return digest.hexdigest()
 
 
 def _unpack(archive: Path, name: str, staging: Path, shown: str, max_size: int, max_ratio: float) -> str:

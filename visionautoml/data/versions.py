@@ -39,6 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from visionautoml.data.annotations import Dataset, ImageRecord
 from visionautoml.data.formats import read_dataset, write_dataset
 from visionautoml.errors import DataError
+from visionautoml.files import sha256_file
 
 VERSION_FILE = "version.json"
 ANNOTATIONS_FILE = "annotations.jsonl"
@@ -90,14 +91,10 @@ def parse_ref(text: str) -> tuple[str, int | None]:
 
 
 def image_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     try:
-        with path.open("rb") as stream:
-            while chunk := stream.read(_CHUNK):
-                digest.update(chunk)
+        return sha256_file(path, _CHUNK)
     except OSError as error:
         raise DataError(f"{path}: cannot read the image: {error.strerror or error}") from None
-    return digest.hexdigest()
 
 
 def canonical_annotations(dataset: Dataset) -> str:

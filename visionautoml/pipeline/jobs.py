@@ -34,6 +34,8 @@ STATE_FILE = "state.json"
 LOG_FILE = "output.log"
 STARTING, RUNNING, SUCCEEDED, FAILED, LOST = "starting", "running", "succeeded", "failed", "lost"
 FINAL = (SUCCEEDED, FAILED, LOST)
+RAY_JOB_PREFIX = "visionautoml-"
+"""A run's Ray job is ``visionautoml-RUN_ID``, so any machine can find it from the run id."""
 _RUN_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
 _POLL_SECONDS = 0.5
 # A detached run that has not written its first state this long after its start has failed to start.
@@ -110,9 +112,13 @@ def new_run(
     return record
 
 
-def load_run(workspace: str | Path, run_id: str) -> RunRecord:
+def _check_run_id(run_id: str) -> None:
     if not _RUN_ID.fullmatch(run_id):
         raise ConfigError(f"'{run_id}' is not a run id (they look like 20260301-101500-a1b2c3)")
+
+
+def load_run(workspace: str | Path, run_id: str) -> RunRecord:
+    _check_run_id(run_id)
     path = runs_root(workspace) / run_id / STATE_FILE
     try:
         return RunRecord(**json.loads(path.read_text(encoding="utf-8")))
@@ -217,11 +223,27 @@ def wait_for(
     *,
     timeout_s: float | None = None,
     on_output: Callable[[str], None] | None = None,
+    ray_dashboard: str | None = None,
 ) -> RunRecord:
     """Follow a run until it ends (or ``timeout_s`` passes), passing new log text to ``on_output``.
 
+    With ``ray_dashboard``, a run this workspace has no record of is looked up on that cluster as
+    a Ray job: the CI agent that waits need not be the one that submitted it.
     Returns the last record; the caller compares ``effective_status()`` with :data:`FINAL`.
     """
+    if ray_dashboard and not (runs_root(workspace) / run_id / STATE_FILE).is_file():
+        _check_run_id(run_id)
+        record = RunRecord(
+            id=run_id,
+            config="(submitted elsewhere)",
+            workspace=str(Path(workspace).expanduser().resolve()),
+            detached=True,
+            status=RUNNING,
+            created=_now(),
+            ray_job_id=RAY_JOB_PREFIX + run_id,
+            ray_dashboard=ray_dashboard,
+        )
+        record.save()
     record = load_run(workspace, run_id)
     if record.ray_job_id and record.status not in FINAL:
         return _follow_ray_job(record, timeout_s, on_output)

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 from visionautoml.config import Compute, JobConfig, load_config
 from visionautoml.errors import ConfigError, VisionAutoMLError
+from visionautoml.pipeline.jobs import RAY_JOB_PREFIX
 from visionautoml.pipeline.secrets import (
     CREDENTIAL_VARIABLES,
     find_references,
@@ -117,7 +118,7 @@ def submit(config_path: str | Path, job: JobConfig, *, data: str | None, run_id:
         try:
             job_id = client.submit_job(
                 entrypoint=shlex.join(entrypoint),
-                submission_id=f"visionautoml-{run_id}",
+                submission_id=RAY_JOB_PREFIX + run_id,
                 runtime_env={"working_dir": folder, "env_vars": job_environment(config_path)},
                 metadata={"visionautoml_run_id": run_id, "experiment_name": job.experiment_name},
             )
