@@ -145,6 +145,12 @@ TRIALS = [
 ]
 
 
+LOGGED_COUNTS = {
+    "training": {"images": 97, "boxes": 150, "boxes_per_class": {"red_square": 90, "blue_square": 60}},
+    "validation": {"images": 24, "boxes": 31, "boxes_per_class": {"red_square": 20, "blue_square": 11}},
+}
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("report-store")
@@ -200,6 +206,8 @@ def store(tmp_path_factory):
             client.log_metric(run_id, "loss", value, step=epoch)
         if state == "completed":
             client.log_metric(run_id, f"best_{PRIMARY}", max(curve), step=curve.index(max(curve)) + 1)
+        if (number, state) == (2, "completed"):  # what run_trial logs: the counts, readable anywhere
+            client.log_dict(run_id, LOGGED_COUNTS, "data/datasets.json")
         client.set_terminated(run_id, status)
         runs.setdefault(number, run_id)
     client.log_metric(runs[1], "best_map_50", metrics["map_50"])
@@ -311,6 +319,15 @@ def test_a_single_trial_run_gets_its_config_curves_and_plots(store, tmp_path):
     assert parameters["learning_rate"] == "0.008"
     summary = {row["field"]: row["value"] for row in page.rows("summary-table")}
     assert summary[f"best {PRIMARY}"] == f"{store['metrics'][PRIMARY]:.4f}"
+
+
+def test_dataset_counts_logged_by_the_trial_are_shown_without_the_data(store, tmp_path):
+    path = build_sweep_report(store["runs"][2], tmp_path / "trial.html", store["client"])
+    training, validation = Page(path.read_text(encoding="utf-8")).rows("datasets-table")
+    for row, logged in ((training, LOGGED_COUNTS["training"]), (validation, LOGGED_COUNTS["validation"])):
+        assert row["images"] == str(logged["images"]) and row["boxes"] == str(logged["boxes"])
+        assert row["boxes per class"] == ", ".join(f"{k} {v}" for k, v in logged["boxes_per_class"].items())
+        assert row["counts"] == "logged by trial 2"
 
 
 def test_after_a_sweep_the_report_is_logged_to_the_parent_run_and_never_fails_it(

@@ -143,6 +143,21 @@ def test_a_trial_logs_everything_to_mlflow_and_reads_back(store, voc, tmp_path, 
     assert metrics["evaluation"]["images"] == 2
     assert (artifacts / "evaluation" / "ground_truth.json").is_file()
     assert (artifacts / "evaluation" / "plots" / "precision_recall.png").is_file()
+    counts = json.loads((artifacts / "data" / "datasets.json").read_text())
+    classes = json.loads(tags["classes"])  # the training set's: validation is read with the same list
+    for role, path in (
+        ("training", "train_annotations.jsonl"),
+        ("validation", "validation_annotations.jsonl"),
+    ):
+        images = read_dataset(converted / path).images
+        per_class = {
+            label: sum(b.label == label for image in images for b in image.boxes) for label in classes
+        }
+        assert counts[role] == {
+            "images": len(images),
+            "boxes": sum(per_class.values()),
+            "boxes_per_class": per_class,
+        }
 
     _, spec = load_model(resolve_model(result.model_uri))
     assert spec.labels == ["blue_square", "red_square"] and spec.image_size == 64

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 REPORT_ARTIFACT = "report.html"
 PLOTS_ARTIFACT_DIR = "evaluation/plots"
 METRICS_ARTIFACT = "evaluation/metrics.json"
+DATASETS_ARTIFACT = "data/datasets.json"  # written by training.trial.run_trial
 LOSS_METRIC = "loss"
 SUMMARY_METRICS = (
     "mean_average_precision",
@@ -515,9 +516,10 @@ def _markdown_html(text: str) -> str:
 def _datasets(client: Any, run: Any, best: Trial | None, trials: Sequence[Trial]) -> str:
     """The training and validation versions with their per-class box counts.
 
-    The tracking store holds the versions and digests; the counts come from the dataset itself when
-    its path (tag ``dataset.<role>.path``) is readable here, else, for validation, from the best
-    trial's ``evaluation/metrics.json``.
+    The tracking store holds the versions and digests, and the counts in the trial's
+    ``data/datasets.json``; for runs logged before trials wrote that file, the counts come from the
+    dataset itself when its path (tag ``dataset.<role>.path``) is readable here, else, for
+    validation, from the best trial's ``evaluation/metrics.json``.
     """
     source = best or next(iter(trials), None)
     tags = {
@@ -525,10 +527,14 @@ def _datasets(client: Any, run: Any, best: Trial | None, trials: Sequence[Trial]
         **{k: v for k, v in run.data.tags.items() if k.startswith("dataset.")},
     }
     evaluation = _evaluation_counts(client, best.run_id) if best else None
+    logged = _logged_counts(client, source.run_id) if source else {}
     rows = []
     for role, tag in (("training", TRAINING_DATASET_TAG), ("validation", VALIDATION_DATASET_TAG)):
-        counts = _read_counts(tags.get(f"{tag}.path", ""))
-        origin = f"read from {tags.get(f'{tag}.path')}" if counts else ""
+        counts = logged.get(role)
+        origin = f"logged by trial {source.number}" if counts and source else ""
+        if counts is None:
+            counts = _read_counts(tags.get(f"{tag}.path", ""))
+            origin = f"read from {tags.get(f'{tag}.path')}" if counts else ""
         if counts is None and role == "validation" and evaluation:
             counts, origin = evaluation, "from the best trial's evaluation/metrics.json"
         images, boxes, per_class = counts or ("", "", {})
@@ -548,6 +554,23 @@ def _datasets(client: Any, run: Any, best: Trial | None, trials: Sequence[Trial]
         )
     columns = ["dataset", "version", "digest", "images", "boxes", "boxes per class", "counts"]
     return html_table(columns, rows, table_id="datasets-table", numeric=["images", "boxes"])
+
+
+def _logged_counts(client: Any, run_id: str) -> dict[str, tuple[int, int, dict[str, int]]]:
+    """The trial's ``data/datasets.json``: role -> (images, boxes, boxes per class)."""
+    text = _text_artifact(client, run_id, DATASETS_ARTIFACT)
+    try:
+        record = json.loads(text) if text else {}
+        return {
+            role: (
+                int(counts["images"]),
+                int(counts["boxes"]),
+                {str(label): int(count) for label, count in counts["boxes_per_class"].items()},
+            )
+            for role, counts in record.items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def _read_counts(path: str) -> tuple[int, int, dict[str, int]] | None:

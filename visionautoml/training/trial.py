@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,9 @@ class _Scores:
     best: Evaluation | None = None
 
 
+DATASETS_ARTIFACT = "data/datasets.json"
+
+
 @dataclass
 class TrialData:
     """The two datasets of a trial and how to name them in tags (store version or content digest)."""
@@ -210,6 +214,7 @@ def _train_and_log(
         tags["git_commit"] = commit
     mlflow.set_tags(tags)
     mlflow.log_params(flat_params(params))
+    mlflow.log_dict(dataset_counts(data), DATASETS_ARTIFACT)
     console.print(
         f"trial {run_id}: {params.model_name} on {len(data.training.images)} training / "
         f"{len(data.validation.images)} validation images, classes {', '.join(classes)}",
@@ -283,6 +288,19 @@ def _train_and_log(
 
 
 # --- data ---------------------------------------------------------------------------------------
+
+
+def dataset_counts(data: TrialData) -> dict[str, dict[str, Any]]:
+    """Images, boxes and boxes per class of both datasets: the report shows them from the run alone."""
+    counts = {}
+    for role, dataset in (("training", data.training), ("validation", data.validation)):
+        per_class = Counter(box.label for image in dataset.images for box in image.boxes)
+        counts[role] = {
+            "images": len(dataset.images),
+            "boxes": sum(per_class.values()),
+            "boxes_per_class": {label: per_class[label] for label in dataset.classes},
+        }
+    return counts
 
 
 def load_trial_data(job: JobConfig, params: TrainingParameters) -> TrialData:
