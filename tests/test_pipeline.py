@@ -25,8 +25,11 @@ from visionautoml.pipeline.run import STEPS
 VISIONAUTOML = str(Path(sys.executable).parent / "visionautoml")
 
 
-def tiny_pipeline_config(folder: Path, **pipeline: object) -> Path:
-    """A one-trial pipeline that trains for one short epoch: the flow, not the model, is under test."""
+def tiny_pipeline_config(folder: Path, *, top_level: dict | None = None, **pipeline: object) -> Path:
+    """A one-trial pipeline that trains for one short epoch: the flow, not the model, is under test.
+
+    ``pipeline`` adds to the config's ``pipeline:`` section, ``top_level`` replaces whole sections.
+    """
     config = {
         "experiment_name": "tiny",
         "workspace": str(folder / "workspace"),
@@ -39,6 +42,7 @@ def tiny_pipeline_config(folder: Path, **pipeline: object) -> Path:
             "validation_batch_size": 2,
         },
         "register": {"model_name": "tiny-detector", "promote_if_better": "champion"},
+        **(top_level or {}),
     }
     path = folder / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))

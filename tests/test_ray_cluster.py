@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO_ROOT, make_voc_dataset
+from test_pipeline import tiny_pipeline_config
 
 HEAD_IP, WORKER_IP, PORT, DASHBOARD_PORT = "10.213.0.1", "10.213.0.2", 6379, 8265
 ADDRESS = f"{HEAD_IP}:{PORT}"
@@ -229,7 +230,7 @@ def test_trials_run_on_both_nodes_and_a_too_small_cluster_times_out(cluster, tmp
     data = make_voc_dataset(tmp_path / "data", n_images=6)
     config = {
         "experiment_name": "two-nodes",
-        "workspace": str(tmp_path / "ws"),
+        "workspace": str(tmp_path / "workspace"),
         "training_data": str(data),
         "training_parameters": {"number_of_epochs": 3, "pretrained": "none"},
         "limits": {"max_trials": 2, "max_concurrent_trials": 2},
@@ -268,7 +269,6 @@ def test_trials_run_on_both_nodes_and_a_too_small_cluster_times_out(cluster, tmp
 def test_the_cluster_template_is_valid_and_scales_gpu_workers_like_the_original():
     import jsonschema
     import ray
-    import yaml
 
     template = yaml.safe_load((REPO_ROOT / "deploy" / "ray-cluster.yaml").read_text())
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
@@ -282,23 +282,17 @@ def test_the_cluster_template_is_valid_and_scales_gpu_workers_like_the_original(
 def test_a_detached_pipeline_runs_as_a_ray_job_and_a_second_process_waits_for_it(head_with_job_api, tmp_path):
     cluster = head_with_job_api
     data = make_voc_dataset(tmp_path / "data", n_images=10)
-    config = {
-        "experiment_name": "on-the-cluster",
-        "workspace": str(tmp_path / "ws"),
-        # Resolved on the cluster: the job gets the value only through its runtime env.
-        "pipeline": {"data": "${secret:CLUSTER_DATA_SOURCE}", "validation_every": 5, "export": False},
-        "training_parameters": {
-            "model_name": "ssdlite320_mobilenet_v3_large",
-            "pretrained": "none",
-            "number_of_epochs": 1,
-            "image_size": 64,
-            "validation_batch_size": 2,
+    # Resolved on the cluster: the job gets the data's path only through its runtime env.
+    path = tiny_pipeline_config(
+        tmp_path,
+        data="${secret:CLUSTER_DATA_SOURCE}",
+        export=False,
+        top_level={
+            "experiment_name": "on-the-cluster",
+            "compute": {"target": "ray", "address": ADDRESS},
+            "register": {"model_name": "cluster-detector"},
         },
-        "compute": {"target": "ray", "address": ADDRESS},
-        "register": {"model_name": "cluster-detector"},
-    }
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
+    )
     secret = str(data)
     visionautoml = str(VENV_BIN / "visionautoml")
 
@@ -306,7 +300,7 @@ def test_a_detached_pipeline_runs_as_a_ray_job_and_a_second_process_waits_for_it
     started = cluster.exec(visionautoml, "pipeline", "run", str(path), "--detach", timeout_s=120)
     assert started.returncode == 0, started.stdout + started.stderr
     run_id = started.stdout.strip()
-    record = json.loads((tmp_path / "ws" / "pipeline" / "runs" / run_id / "state.json").read_text())
+    record = json.loads((tmp_path / "workspace" / "pipeline" / "runs" / run_id / "state.json").read_text())
     assert record["ray_job_id"] == f"visionautoml-{run_id}"
     assert record["ray_dashboard"] == f"http://{HEAD_IP}:{DASHBOARD_PORT}"
 

@@ -48,7 +48,7 @@ from visionautoml.errors import DataError, TrackingError, VisionAutoMLError
 from visionautoml.files import atomic_path, atomic_write_text
 from visionautoml.models.imageio import decode_image_file
 from visionautoml.models.saved import load_model
-from visionautoml.models.zoo import score_threshold, set_score_threshold
+from visionautoml.models.zoo import score_threshold, score_threshold_at_most
 
 log = logging.getLogger(__name__)
 
@@ -225,42 +225,38 @@ def export_saved_model(
     if not images:
         raise DataError("the parity check needs at least one sample image")
     out_dir = Path(out_dir)
-    original_threshold = score_threshold(detector)
-    set_score_threshold(detector, min(GRAPH_SCORE_THRESHOLD, settings.box_score_threshold))
-    try:
-        with atomic_path(out_dir, directory=True) as folder:
-            sample = images[0].float() / 255.0
-            outputs = export_detector(detector, folder / ONNX_FILE, sample, model_name=settings.model_name)
-            settings = settings.with_graph(
-                outputs=outputs, opset=OPSET, graph_score_threshold=score_threshold(detector)
+    graph_threshold = min(GRAPH_SCORE_THRESHOLD, settings.box_score_threshold)
+    with score_threshold_at_most(detector, graph_threshold), atomic_path(out_dir, directory=True) as folder:
+        sample = images[0].float() / 255.0
+        outputs = export_detector(detector, folder / ONNX_FILE, sample, model_name=settings.model_name)
+        settings = settings.with_graph(
+            outputs=outputs, opset=OPSET, graph_score_threshold=score_threshold(detector)
+        )
+        session = make_session(folder / ONNX_FILE)
+        parity = check_parity(
+            detector,
+            session,
+            outputs,
+            images,
+            sample_source=sample_source,
+            min_score=settings.box_score_threshold,
+            tolerance_px=tolerance_px,
+        )
+        atomic_write_text(folder / PARITY_FILE, json.dumps(parity.to_dict(), indent=2) + "\n")
+        if parity.compared == 0:
+            raise ExportError(
+                f"{settings.model_name}: no detections on the {len(images)} sample image(s), so the "
+                "export could not be checked; pass images that show the objects (--images)"
             )
-            session = make_session(folder / ONNX_FILE)
-            parity = check_parity(
-                detector,
-                session,
-                outputs,
-                images,
-                sample_source=sample_source,
-                min_score=settings.box_score_threshold,
-                tolerance_px=tolerance_px,
+        if not parity.passed:
+            raise ExportError(
+                f"{settings.model_name}: the ONNX export does not match PyTorch, so it was not written "
+                f"to {out_dir}: {parity.summary()}. Serve the model with PyTorch, and report the model "
+                "and torch version"
             )
-            atomic_write_text(folder / PARITY_FILE, json.dumps(parity.to_dict(), indent=2) + "\n")
-            if parity.compared == 0:
-                raise ExportError(
-                    f"{settings.model_name}: no detections on the {len(images)} sample image(s), so the "
-                    "export could not be checked; pass images that show the objects (--images)"
-                )
-            if not parity.passed:
-                raise ExportError(
-                    f"{settings.model_name}: the ONNX export does not match PyTorch, so it was not written "
-                    f"to {out_dir}: {parity.summary()}. Serve the model with PyTorch, and report the model "
-                    "and torch version"
-                )
-            atomic_write_text(folder / LABELS_FILE, json.dumps(settings.labels, indent=2) + "\n")
-            atomic_write_text(folder / SETTINGS_FILE, settings.to_json())
-            folder.chmod(0o755)
-    finally:
-        set_score_threshold(detector, original_threshold)
+        atomic_write_text(folder / LABELS_FILE, json.dumps(settings.labels, indent=2) + "\n")
+        atomic_write_text(folder / SETTINGS_FILE, settings.to_json())
+        folder.chmod(0o755)
     log.info("exported %s to %s: %s", settings.model_name, out_dir, parity.summary())
     return ExportResult(out_dir, settings, parity)
 

@@ -270,13 +270,10 @@ def _follow_ray_job(
     status, result, error = ray_jobs.follow(
         record.ray_job_id, record.ray_dashboard, timeout_s=timeout_s, on_output=on_output
     )
-    if status is not None:
+    if status is not None:  # ended: ``follow`` gives an error exactly when it did not succeed
         if result is not None:
             record.steps = result.get("steps", record.steps)
-        finish(record, result=result, error=error if status != SUCCEEDED else None)
-        if status != SUCCEEDED and not error:
-            record.status = FAILED
-            record.save()
+        finish(record, result=result, error=error)
     return record
 
 

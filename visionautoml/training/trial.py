@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from visionautoml.data.annotations import Dataset
 from visionautoml.data.formats import read_dataset
 from visionautoml.data.formats.jsonl import TRAIN_FILE, VALIDATION_FILE
 from visionautoml.data.split import split_fraction
+from visionautoml.data.stats import compute_stats
 from visionautoml.data.versions import (
     VERSION_FILE,
     DatasetStore,
@@ -294,11 +294,11 @@ def dataset_counts(data: TrialData) -> dict[str, dict[str, Any]]:
     """Images, boxes and boxes per class of both datasets: the report shows them from the run alone."""
     counts = {}
     for role, dataset in (("training", data.training), ("validation", data.validation)):
-        per_class = Counter(box.label for image in dataset.images for box in image.boxes)
+        stats = compute_stats(dataset)
         counts[role] = {
-            "images": len(dataset.images),
-            "boxes": sum(per_class.values()),
-            "boxes_per_class": {label: per_class[label] for label in dataset.classes},
+            "images": stats.image_count,
+            "boxes": stats.box_count,
+            "boxes_per_class": stats.boxes_per_class,
         }
     return counts
 
