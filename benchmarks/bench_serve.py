@@ -44,15 +44,13 @@ from visionautoml.deploy.export import (
     ExportError,
     export_detector,
     export_saved_model,
-    score_threshold,
-    set_score_threshold,
     synthetic_images,
 )
 from visionautoml.deploy.runtime import EXPORT_SUBDIR, ONNX_FILE, SETTINGS_FILE, ExportSettings, OnnxPredictor
 from visionautoml.models.imageio import decode_image_file
 from visionautoml.models.predictor import Predictor
 from visionautoml.models.saved import ModelSpec, save_model
-from visionautoml.models.zoo import build_model
+from visionautoml.models.zoo import build_model, score_threshold_at_most
 
 RACCOON_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "raccoon" / "images"
 DEFAULT_MODELS = "ssdlite320_mobilenet_v3_large,fasterrcnn_mobilenet_v3_large_fpn"
@@ -101,11 +99,9 @@ def export_unchecked_if_needed(module: torch.nn.Module, spec: ModelSpec, directo
         return result.directory, result.parity.summary()
     except ExportError as error:
         directory.mkdir(parents=True)
-        original = score_threshold(module)
-        set_score_threshold(module, GRAPH_SCORE_THRESHOLD)
         sample = synthetic_images()[0].float() / 255
-        outputs = export_detector(module, directory / ONNX_FILE, sample, model_name=spec.model_name)
-        set_score_threshold(module, original)
+        with score_threshold_at_most(module, GRAPH_SCORE_THRESHOLD):
+            outputs = export_detector(module, directory / ONNX_FILE, sample, model_name=spec.model_name)
         graph = settings.with_graph(outputs=outputs, opset=OPSET, graph_score_threshold=GRAPH_SCORE_THRESHOLD)
         (directory / SETTINGS_FILE).write_text(graph.to_json())
         return directory, f"random weights, exported unchecked: {str(error).split(': ', 1)[1]}"
