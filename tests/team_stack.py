@@ -13,14 +13,17 @@ Three real servers, as docs/production.md sets them up, each in a temporary fold
   the server holds the S3 keys and the database password, in its environment (never on its command
   line); a client needs only the tracking URI: :func:`client_env`.
 
-Use them with ``pytest_plugins = ["team_stack"]`` in a test module, and reach the helpers through the
-fixtures (importing this module as well would keep pytest from rewriting its asserts). The fixtures
-are module-scoped: they start for the first test of a module that asks, and stop after its last.
+Use the fixtures with ``pytest_plugins = ["team_stack"]`` in a test module and reach the helpers
+through them (importing this module as well would keep pytest from rewriting its asserts). They are
+module-scoped: they start for the first test of a module that asks, and stop after its last. The
+``running_*`` context managers start the same servers elsewhere (``exec_prefix``: inside a test's own
+network namespace, ``host``: an address a second node reaches), for multi-node tests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pwd
 import secrets
@@ -33,7 +36,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,6 +148,12 @@ def client_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def _server_env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "MLFLOW_"))}
+    env.update(extra)
+    return env
+
+
 def wait_until(ready: Callable[[], bool], process_alive: Callable[[], bool], what: str, log: Path) -> None:
     """Poll ``ready`` until it holds; fail at once if the process died, or at the deadline."""
     deadline = time.monotonic() + _STARTUP_S
@@ -163,7 +172,20 @@ def _tail(log: Path) -> str:
         return "(no log)"
 
 
-def _http_ok(url: str) -> bool:
+_PROBE = """
+import sys, urllib.request
+try:
+    sys.exit(0 if urllib.request.urlopen(sys.argv[1], timeout=2).status == 200 else 1)
+except OSError:
+    sys.exit(1)
+"""
+
+
+def _http_ok(url: str, exec_prefix: Sequence[str] = ()) -> bool:
+    """GET ``url`` answers 200; from inside ``exec_prefix``'s network namespace when there is one."""
+    if exec_prefix:
+        probe = [*exec_prefix, sys.executable, "-c", _PROBE, url]
+        return subprocess.run(probe, capture_output=True, timeout=30, check=False).returncode == 0
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
@@ -171,8 +193,16 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def _start(command: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A server in a process group of its own, so that stopping it stops its workers too."""
+    with log.open("wb") as output:
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
 def _stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group this fixture started (the server and its own workers), then SIGKILL."""
+    """SIGTERM to the process group this module started (the server and its own workers), then SIGKILL."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
@@ -200,12 +230,13 @@ def _as_postgres_user() -> tuple[list[str], int | None]:
     return [runuser, "-u", "postgres", "--"], uid
 
 
-def _pg(prefix: list[str], tool: str, *arguments: str, log: Path) -> None:
+def _pg(prefix: list[str], tool: str, *arguments: str, log: Path, env: dict[str, str] | None = None) -> None:
     with log.open("ab") as output:
         result = subprocess.run(
             [*prefix, str(POSTGRES_BIN / tool), *arguments],
             stdout=output,
             stderr=subprocess.STDOUT,
+            env=env,
             timeout=120,
         )
     if result.returncode != 0:
@@ -217,15 +248,20 @@ def _postmaster_pid(data: Path) -> int:
     return int((data / "postmaster.pid").read_text().splitlines()[0])
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    """A fresh PostgreSQL 15 cluster on 127.0.0.1 with an empty ``mlflow`` database; about 2 s."""
+@contextlib.contextmanager
+def running_postgres(*, exec_prefix: Sequence[str] = (), host: str = "127.0.0.1") -> Iterator[Postgres]:
+    """A fresh PostgreSQL 15 cluster listening on ``host`` only, with an empty ``mlflow`` database.
+
+    ``exec_prefix`` runs it elsewhere, e.g. ``["ip", "netns", "exec", NAMESPACE]`` for a test's own
+    network namespace; :meth:`Postgres.connect` then works only from inside that namespace.
+    """
     if not (POSTGRES_BIN / "initdb").is_file():
         pytest.skip(
             f"PostgreSQL 15 is not installed ({POSTGRES_BIN / 'initdb'} is missing): "
             "`apt-get install postgresql-15` to run the team-stack tests"
         )
-    prefix, owner = _as_postgres_user()
+    as_postgres, owner = _as_postgres_user()
+    prefix = [*exec_prefix, *as_postgres]
     # Not under pytest's tmp_path: the postgres user must be able to reach the folder.
     folder = Path(tempfile.mkdtemp(prefix="vaml-pg-", dir="/tmp"))
     data, password_file = folder / "data", folder / "password"
@@ -249,7 +285,7 @@ def postgres() -> Iterator[Postgres]:
         password_file.unlink()
         port = free_port()
         settings = (
-            f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={folder} -c fsync=off"
+            f"-c listen_addresses={host} -c port={port} -c unix_socket_directories={folder} -c fsync=off"
         )
         # -w: pg_ctl itself waits until the server accepts connections (or its -t timeout).
         _pg(
@@ -268,13 +304,22 @@ def postgres() -> Iterator[Postgres]:
             log=log,
         )
         pid = _postmaster_pid(data)
-        server = Postgres("127.0.0.1", port, "mlflow", password, DATABASE, folder, pid)
-        admin = server.connect(database="postgres")
-        try:
-            admin.run(f"CREATE DATABASE {DATABASE}")
-        finally:
-            admin.close()
-        yield server
+        # The password through the environment of createdb only, never its command line.
+        created_env = {**os.environ, "PGPASSWORD": password}
+        _pg(
+            prefix,
+            "createdb",
+            "-h",
+            host,
+            "-p",
+            str(port),
+            "-U",
+            "mlflow",
+            DATABASE,
+            log=log,
+            env=created_env,
+        )
+        yield Postgres(host, port, "mlflow", password, DATABASE, folder, pid)
     finally:
         if pid is not None:
             _stop_postgres(prefix, data, pid, log)
@@ -282,7 +327,7 @@ def postgres() -> Iterator[Postgres]:
 
 
 def _stop_postgres(prefix: list[str], data: Path, pid: int, log: Path) -> None:
-    """``pg_ctl stop`` of this data folder (it signals the PID in its postmaster.pid); SIGKILL if it hangs."""
+    """``pg_ctl stop`` of this data folder (it signals the PID in its postmaster.pid); SIGKILL if it fails."""
     with log.open("ab") as output:
         stopped = subprocess.run(
             [*prefix, str(POSTGRES_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30", "stop"],
@@ -298,33 +343,39 @@ def _stop_postgres(prefix: list[str], data: Path, pid: int, log: Path) -> None:
 
 # --- the object store -------------------------------------------------------------------------
 
+_CREATE_BUCKET = """
+import sys, boto3
+boto3.client("s3", endpoint_url=sys.argv[1]).create_bucket(Bucket=sys.argv[2])
+"""
 
-@pytest.fixture(scope="module")
-def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStore]:
-    """moto's S3 server on 127.0.0.1 with one empty bucket (standing in for S3/MinIO)."""
+
+@contextlib.contextmanager
+def running_object_store(
+    folder: Path, *, exec_prefix: Sequence[str] = (), host: str = "127.0.0.1"
+) -> Iterator[ObjectStore]:
+    """moto's S3 server (standing in for S3/MinIO) on ``host`` with one empty bucket."""
     moto_server = VENV_BIN / "moto_server"
     if not moto_server.is_file():
         pytest.skip("moto_server is not installed: pip install -e '.[dev]' (moto[server])")
-    folder = tmp_path_factory.mktemp("s3")
-    log = folder / "moto.log"
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "MLFLOW_"))}
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [str(moto_server), "-H", "127.0.0.1", "-p", str(port)],
-            cwd=folder,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    log, port = folder / "moto.log", free_port()
+    process = _start(
+        [*exec_prefix, str(moto_server), "-H", host, "-p", str(port)], cwd=folder, env=_server_env(), log=log
+    )
     try:
-        endpoint = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _http_ok(f"{endpoint}/"), lambda: process.poll() is None, "moto_server", log)
+        endpoint = f"http://{host}:{port}"
+        ready = functools.partial(_http_ok, f"{endpoint}/", exec_prefix)
+        wait_until(ready, lambda: process.poll() is None, "moto_server", log)
         store = ObjectStore(
             endpoint, BUCKET, "team-test-key", secrets.token_hex(16), "us-east-1", process.pid
         )
-        store.client().create_bucket(Bucket=BUCKET)
+        # Made where the server is (a namespace of its own, perhaps), with the keys in the environment.
+        subprocess.run(
+            [*exec_prefix, sys.executable, "-c", _CREATE_BUCKET, endpoint, BUCKET],
+            env=_server_env(**store.server_env()),
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         yield store
     finally:
         _stop_group(process)
@@ -333,32 +384,63 @@ def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectSto
 # --- the tracking server ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def team_server(
-    postgres: Postgres, object_store: ObjectStore, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def running_team_server(
+    postgres: Postgres,
+    store: ObjectStore,
+    folder: Path,
+    *,
+    exec_prefix: Sequence[str] = (),
+    host: str = "127.0.0.1",
 ) -> Iterator[TeamServer]:
-    """``mlflow server`` on PostgreSQL with artifacts in the bucket, served through the server."""
-    folder = tmp_path_factory.mktemp("mlflow-team")
-    log = folder / "server.log"
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "MLFLOW_"))}
-    env.update(
-        object_store.server_env(),
+    """``mlflow server`` on ``postgres`` with artifacts in ``store``'s bucket, served through the server.
+
+    ``host`` is the address clients use: 127.0.0.1, or a test namespace's address that a second node
+    reaches (with ``exec_prefix`` entering the namespace where ``postgres`` and ``store`` run).
+    """
+    log, port = folder / "server.log", free_port()
+    env = _server_env(
+        **store.server_env(),
         # The database password stays off the command line (ps shows it): mlflow reads this variable.
         MLFLOW_BACKEND_STORE_URI=postgres.sqlalchemy_uri,
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
     )
     command = [
-        *(str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-        *("--artifacts-destination", f"s3://{object_store.bucket}/{ARTIFACTS_PREFIX}", "--serve-artifacts"),
+        *exec_prefix,
+        *(str(VENV_BIN / "mlflow"), "server", "--host", host, "--port", str(port), "--workers", "1"),
+        *("--artifacts-destination", f"s3://{store.bucket}/{ARTIFACTS_PREFIX}", "--serve-artifacts"),
     ]
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            command, cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    process = _start(command, cwd=folder, env=env, log=log)
     try:
-        uri = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _http_ok(f"{uri}/health"), lambda: process.poll() is None, "mlflow server", log)
-        yield TeamServer(uri, postgres, object_store, folder, log, process.pid)
+        uri = f"http://{host}:{port}"
+        ready = functools.partial(_http_ok, f"{uri}/health", exec_prefix)
+        wait_until(ready, lambda: process.poll() is None, "mlflow server", log)
+        yield TeamServer(uri, postgres, store, folder, log, process.pid)
     finally:
         _stop_group(process)
+
+
+# --- fixtures: the stack on this machine's loopback ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """PostgreSQL 15 on 127.0.0.1 with an empty ``mlflow`` database; about 2 s."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStore]:
+    """moto's S3 server on 127.0.0.1 with one empty bucket (standing in for S3/MinIO)."""
+    with running_object_store(tmp_path_factory.mktemp("s3")) as store:
+        yield store
+
+
+@pytest.fixture(scope="module")
+def team_server(
+    postgres: Postgres, object_store: ObjectStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TeamServer]:
+    """``mlflow server`` on 127.0.0.1, PostgreSQL behind it, artifacts in the bucket."""
+    with running_team_server(postgres, object_store, tmp_path_factory.mktemp("mlflow-team")) as server:
+        yield server
