@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 from visionautoml.config import TrainingParameters
 from visionautoml.data.annotations import Dataset
 from visionautoml.data.formats import read_dataset
-from visionautoml.models.imageio import decode_image_file
+from visionautoml.data.images import decode_image_file
 from visionautoml.models.zoo import build_model, get_entry
 from visionautoml.training.dataset import collate, make_data_loader
 

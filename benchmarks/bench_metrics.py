@@ -2,7 +2,7 @@
 
 The trainer scores the validation set after every evaluation epoch, so the metric code runs
 hundreds of times per sweep. Both COCO evaluators get the same dicts built by
-``visionautoml.training.metrics``; their 12 stats are checked to agree, and the table gives the
+``visionautoml.evaluation.metrics``; their 12 stats are checked to agree, and the table gives the
 ratio. A third row is the whole :func:`evaluate_detections` (COCO through faster-coco-eval plus
 the VOC mAP, precision and recall), against the same baseline.
 
@@ -24,7 +24,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from visionautoml.training.metrics import (
+from visionautoml.evaluation.metrics import (
     ImageDetections,
     ImageGroundTruth,
     coco_detections,

@@ -38,19 +38,19 @@ import torch
 from PIL import Image
 
 from visionautoml.config import TrainingParameters
+from visionautoml.data.images import decode_image_file
 from visionautoml.deploy.export import (
-    GRAPH_SCORE_THRESHOLD,
     OPSET,
     ExportError,
     export_detector,
     export_saved_model,
     synthetic_images,
 )
-from visionautoml.deploy.runtime import EXPORT_SUBDIR, ONNX_FILE, SETTINGS_FILE, ExportSettings, OnnxPredictor
-from visionautoml.models.imageio import decode_image_file
+from visionautoml.deploy.runtime import ONNX_FILE, SETTINGS_FILE, ExportSettings, OnnxPredictor
 from visionautoml.models.predictor import Predictor
 from visionautoml.models.saved import ModelSpec, save_model
-from visionautoml.models.zoo import build_model, score_threshold_at_most
+from visionautoml.models.zoo import RAW_SCORE_THRESHOLD, build_model, score_threshold_at_most
+from visionautoml.tracking.models import EXPORT_SUBDIR
 
 RACCOON_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "raccoon" / "images"
 DEFAULT_MODELS = "ssdlite320_mobilenet_v3_large,fasterrcnn_mobilenet_v3_large_fpn"
@@ -100,9 +100,9 @@ def export_unchecked_if_needed(module: torch.nn.Module, spec: ModelSpec, directo
     except ExportError as error:
         directory.mkdir(parents=True)
         sample = synthetic_images()[0].float() / 255
-        with score_threshold_at_most(module, GRAPH_SCORE_THRESHOLD):
+        with score_threshold_at_most(module, RAW_SCORE_THRESHOLD):
             outputs = export_detector(module, directory / ONNX_FILE, sample, model_name=spec.model_name)
-        graph = settings.with_graph(outputs=outputs, opset=OPSET, graph_score_threshold=GRAPH_SCORE_THRESHOLD)
+        graph = settings.with_graph(outputs=outputs, opset=OPSET, graph_score_threshold=RAW_SCORE_THRESHOLD)
         (directory / SETTINGS_FILE).write_text(graph.to_json())
         return directory, f"random weights, exported unchecked: {str(error).split(': ', 1)[1]}"
 

@@ -93,11 +93,11 @@ def child(config_path: str, out: str) -> None:
     """One sweep, as the CLI would run it, with the first-step probe around ``run_trial``."""
     from ray import cloudpickle
 
-    from visionautoml.automl.sweep import run_sweep
+    from visionautoml.automl.train import settle, train
     from visionautoml.config import parse_config
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    result = run_sweep(parse_config(json.loads(Path(config_path).read_text())), trial_fn=timed_run_trial)
+    result = train(settle(parse_config(json.loads(Path(config_path).read_text()))), trial_fn=timed_run_trial)
     Path(out).write_text(json.dumps(result.to_dict()))
 
 

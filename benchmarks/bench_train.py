@@ -37,9 +37,10 @@ from visionautoml.config import TrainingParameters, load_config
 from visionautoml.data.annotations import Dataset
 from visionautoml.data.formats import read_dataset
 from visionautoml.data.split import split_every_nth
+from visionautoml.evaluation.scoring import evaluate_predictions
 from visionautoml.models.zoo import build_model
 from visionautoml.training.dataset import default_workers, make_data_loader
-from visionautoml.training.evaluate import evaluate_predictions, predict_loader
+from visionautoml.training.evaluate import predict_loader
 from visionautoml.training.trainer import fit, learning_rate_factor, seed_everything
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -107,9 +107,9 @@ def deploy_model(tmp_path_factory: pytest.TempPathFactory) -> DeployModel:
     import torch
 
     from visionautoml.config import TrainingParameters
+    from visionautoml.data.images import decode_image_file
     from visionautoml.deploy.export import export_saved_model, synthetic_images
     from visionautoml.deploy.runtime import ExportSettings
-    from visionautoml.models.imageio import decode_image_file
     from visionautoml.models.saved import ModelSpec, save_model
     from visionautoml.models.zoo import build_model
 

@@ -21,10 +21,11 @@ BOX_KEYS = ["label", "topX", "topY", "bottomX", "bottomY", "isCrowd"]
 
 
 def digests(folder: Path) -> dict[str, str]:
+    """Every output file's digest; the hidden lock and provenance record are bookkeeping, not output."""
     return {
         str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(folder.rglob("*"))
-        if path.is_file()
+        if path.is_file() and not path.name.startswith(".")
     }
 
 
@@ -120,9 +121,7 @@ def test_cli_convert_error_is_one_message_without_traceback(tmp_path: Path) -> N
     source = make_voc_dataset(tmp_path / "voc", n_images=2)
     (source / "annotations" / "img-000.xml").write_text("garbage")
     command = [
-        sys.executable,
-        "-m",
-        "visionautoml.cli",
+        str(Path(sys.executable).with_name("visionautoml")),
         "data",
         "convert",
         str(source),
@@ -134,3 +133,38 @@ def test_cli_convert_error_is_one_message_without_traceback(tmp_path: Path) -> N
     assert result.returncode == 1
     assert "img-000.xml" in result.stderr and "data validate" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_convert_without_a_split_removes_the_stale_validation_file(tmp_path: Path) -> None:
+    source = make_voc_dataset(tmp_path / "voc", n_images=6)
+    out = tmp_path / "out"
+    convert(source, out, "jsonl", validation_every=3)
+    assert (out / "validation_annotations.jsonl").is_file()
+    result = convert(source, out, "jsonl")
+    assert result.validation_images == 0 and not (out / "validation_annotations.jsonl").exists()
+    assert len((out / "train_annotations.jsonl").read_text().splitlines()) == 6
+    assert len(read_dataset(out).images) == 6
+
+
+def test_a_killed_converts_staging_folders_are_removed_by_the_next_run(tmp_path: Path) -> None:
+    source = make_voc_dataset(tmp_path / "voc", n_images=4)
+    out = tmp_path / "out"
+    convert(source, out, "voc", validation_every=2)
+    killed = [out / ".train.tmp-a1b2c3", out / ".images.old-4242", out / ".train_annotations.jsonl.tmp-x9"]
+    for path in killed[:2]:
+        (path / "annotations").mkdir(parents=True)
+    killed[2].write_text("half a file")
+    (out / ".mine").write_text("not ours")
+    convert(source, out, "voc", validation_every=2)
+    assert not any(path.exists() for path in killed)
+    assert (out / ".mine").exists(), "only what a convert stages is removed"
+
+
+@pytest.mark.parametrize("option", [{"validation_every": 5}, {"validation_fraction": 0.2}])
+def test_one_image_cannot_be_split(tmp_path: Path, option: dict) -> None:
+    source = make_voc_dataset(tmp_path / "voc", n_images=1)
+    with pytest.raises(
+        DataError, match=r"1 image\(s\) with .* leave no (training|validation) images; add images"
+    ):
+        convert(source, tmp_path / "out", "jsonl", **option)
+    assert not (tmp_path / "out" / "train_annotations.jsonl").exists()

@@ -14,8 +14,8 @@ from torchvision.transforms import v2
 
 from visionautoml.config import TrainingParameters
 from visionautoml.data.annotations import Box, Dataset, ImageRecord
+from visionautoml.data.images import decode_image_bytes, decode_image_file
 from visionautoml.errors import DataError
-from visionautoml.models.imageio import decode_image_bytes, decode_image_file
 from visionautoml.models.zoo import InputSize
 from visionautoml.training.dataset import DetectionDataset, collate, make_data_loader
 

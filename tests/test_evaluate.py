@@ -20,17 +20,16 @@ from pycocotools.cocoeval import COCOeval
 from visionautoml import cli
 from visionautoml.config import TrainingParameters
 from visionautoml.errors import VisionAutoMLError
-from visionautoml.models.saved import ModelSpec, save_model
-from visionautoml.models.zoo import build_model
-from visionautoml.training.evaluate import (
+from visionautoml.evaluation.metrics import ImageDetections, ImageGroundTruth
+from visionautoml.evaluation.scoring import (
     EVALUATION_SCORE_FLOOR,
     Evaluation,
-    evaluate_model,
     evaluate_predictions,
-    predict_loader,
     write_evaluation,
 )
-from visionautoml.training.metrics import ImageDetections, ImageGroundTruth
+from visionautoml.models.saved import ModelSpec, save_model
+from visionautoml.models.zoo import build_model
+from visionautoml.training.evaluate import evaluate_model, predict_loader
 
 MODEL_NAME = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
@@ -230,7 +229,6 @@ def test_evaluate_command_errors_are_one_line_without_traceback(saved_model, tmp
     monkeypatch.chdir(tmp_path)
     cases = {
         "no such model": [str(tmp_path / "nope"), "--data", str(data), "--out", "eval"],
-        "validation_metric_type": [str(model), "--data", str(data), "--out", "eval", "--metric-type", "f1"],
         "validation_iou_threshold": [
             str(model),
             "--data",
@@ -249,6 +247,15 @@ def test_evaluate_command_errors_are_one_line_without_traceback(saved_model, tmp
         stderr = capsys.readouterr().err
         assert exit_info.value.code == 1, message
         assert message in stderr and "Traceback" not in stderr
+    # A choice that is not one is a usage error (exit 2) listing the choices, before any work.
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["visionautoml", "evaluate", str(model), "--data", str(data), "--out", "eval", "--metric-type", "f1"],
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2 and "'f1' is not one of" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

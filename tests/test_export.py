@@ -13,6 +13,7 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
+from visionautoml.config import Thresholds
 from visionautoml.deploy.export import ExportError, check_parity, export_saved_model, synthetic_images
 from visionautoml.deploy.runtime import ONNX_FILE, ExportSettings, OnnxPredictor, make_session
 from visionautoml.models.predictor import Predictor
@@ -30,9 +31,7 @@ def toy_settings() -> ExportSettings:
     return ExportSettings(
         model_name="toy",
         labels=["thing"],
-        box_score_threshold=0.5,
-        nms_iou_threshold=0.5,
-        box_detections_per_image=3,
+        thresholds=Thresholds(box_score_threshold=0.5, nms_iou_threshold=0.5, box_detections_per_image=3),
     )
 
 
@@ -73,11 +72,10 @@ def test_export_folder_has_graph_labels_thresholds_and_a_passed_parity_check(dep
     spec = read_spec(deploy_model.saved)
     settings = ExportSettings.read(export)
     assert settings.labels == spec.labels == json.loads((export / "labels.json").read_text())
-    assert settings.box_score_threshold == spec.box_score_threshold == 0.05
-    assert settings.nms_iou_threshold == spec.nms_iou_threshold
+    assert settings.thresholds == spec.thresholds and spec.thresholds.box_score_threshold == 0.05
     # SSD returns boxes, scores, labels (Faster R-CNN: boxes, labels, scores); names follow the dict.
     assert settings.outputs == ["boxes", "scores", "labels"]
-    assert settings.graph_score_threshold < settings.box_score_threshold
+    assert settings.graph_score_threshold < settings.thresholds.box_score_threshold
     parity = json.loads((export / "parity.json").read_text())
     assert parity["passed"] is True
     assert parity["compared"] == 30 and parity["unmatched"] == 0
@@ -97,7 +95,7 @@ def test_onnx_predictor_matches_pytorch_at_other_image_sizes(deploy_model):
         assert len(want) > 0
         # The graph keeps boxes down to its lower threshold; the runtime applies the model's own.
         assert len(got) == len(want)
-        assert bool((got.scores >= spec.box_score_threshold).all())
+        assert bool((got.scores >= spec.thresholds.box_score_threshold).all())
         for box, score, label in zip(want.boxes, want.scores, want.labels, strict=True):
             # Matched rather than compared by rank: boxes with equal scores may come out in either order.
             same = [
@@ -147,7 +145,7 @@ def test_export_cli_checks_a_registered_model_records_parity_and_attaches_the_ex
     tracking_uri, model_uri = deploy_registry
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     out = tmp_path / "exported"
-    result = run_cli("export", model_uri, "--format", "onnx", "--out", str(out), "--attach", env=env)
+    result = run_cli("export", model_uri, "--to", "onnx", "--out", str(out), "--attach", env=env)
     assert result.returncode == 0, result.stderr
     assert "parity passed" in result.stdout
     assert "Traceback" not in result.stderr

@@ -23,7 +23,7 @@ from visionautoml.cli import app
 from visionautoml.data.fetch import MARKER, fetch, parse_size, read_marker, redact
 from visionautoml.errors import FetchError
 
-FAST = {"backoff_s": 0.01, "timeout_s": 10.0}
+FAST = {"backoff_s": 0.01, "timeout": 10.0}
 
 
 def make_zip(entries: dict[str, bytes]) -> bytes:
@@ -286,7 +286,12 @@ def test_cli_refuses_zip_slip_without_traceback(tmp_path: Path) -> None:
     (tmp_path / "evil.zip").write_bytes(make_zip({"ok.txt": b"ok", "../evil.txt": b"pwned"}))
     work = tmp_path / "work"
     work.mkdir()
-    command = [sys.executable, "-m", "visionautoml.cli", "data", "fetch", str(tmp_path / "evil.zip")]
+    command = [
+        str(Path(sys.executable).with_name("visionautoml")),
+        "data",
+        "fetch",
+        str(tmp_path / "evil.zip"),
+    ]
     result = subprocess.run(
         [*command, "--out", "out"],
         cwd=work,
@@ -308,3 +313,61 @@ def test_cli_fetch_prints_the_result_and_a_repeat_is_a_no_op(tmp_path: Path) -> 
     assert first.exit_code == 0 and "fetched" in first.stdout, first.output
     assert second.exit_code == 0 and "nothing to do" in second.stdout
     assert json.loads((tmp_path / "out" / MARKER).read_text())["sha256"] == DATASET_SHA
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("data.zip", DATASET[: len(DATASET) // 2]),
+        ("renamed.bin", DATASET[:-30]),
+        ("data.tar.gz", make_tar([("a.txt", __import__("random").Random(0).randbytes(50_000))])[:3000]),
+        ("notes.json.gz", __import__("gzip").compress(b"{}" * 5000)[:-10]),
+    ],
+    ids=["zip", "zip by content", "tar.gz", "gz"],
+)
+def test_a_truncated_archive_is_an_error_not_a_plain_file(tmp_path: Path, name: str, data: bytes) -> None:
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(FetchError, match="truncated or damaged"):
+        fetch(str(tmp_path / name), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_zip_served_over_http_is_an_error(server: Server, tmp_path: Path) -> None:
+    server.default = (200, DATASET[:-40])
+    with pytest.raises(FetchError, match="zip archive that is truncated"):
+        fetch(f"{server.url}/raccoon.zip", tmp_path / "data", **FAST)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_server_that_accepts_and_never_answers_fails_at_once_after_the_timeout(tmp_path: Path) -> None:
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def hold() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(connection)  # never read from, never answered
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/data.zip"
+        with pytest.raises(FetchError, match=r"no answer from the server within 0\.3 s.*--timeout"):
+            fetch(url, tmp_path / "data", retries=3, backoff_s=0.01, timeout=0.3)
+    finally:
+        listener.close()
+        thread.join(5)
+        for connection in accepted:
+            connection.close()
+    assert len(accepted) == 1, "a server that never answers is not asked again"
+    with pytest.raises(FetchError, match="positive number of seconds"):
+        fetch(url, tmp_path / "data", timeout=0)
+
+
+def test_sizes_are_parsed_by_pydantic_byte_size() -> None:
+    assert parse_size("1.5 GB") == 1_500_000_000 and parse_size("2KiB") == 2048 and parse_size("123") == 123

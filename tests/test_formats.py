@@ -16,9 +16,10 @@ from PIL import Image
 
 from visionautoml.data.annotations import Box, Dataset, ImageRecord
 from visionautoml.data.formats import FORMATS, detect_format, read_dataset, write_dataset
+from visionautoml.data.formats._paths import DataRoot
 from visionautoml.data.formats._vocxml import FieldReader, Fields, _tree_fields
 from visionautoml.data.formats.jsonl import _line
-from visionautoml.data.formats.voc import _checked_record, _record
+from visionautoml.data.formats.voc import _checked_record, _Context, _record
 from visionautoml.data.problems import ProblemLog
 from visionautoml.errors import DataError
 
@@ -251,9 +252,10 @@ def test_voc_record_fast_path_agrees_with_the_checked_path(
     fields = Fields(root, filename, width, height, objects)
     images = Path("/data/images")
     names = {name: images / name for name in ("a.jpg", "sub/b.jpg")}
+    context = _Context(images, names, {}, DataRoot("/data"))
     fast, checked = ProblemLog(), ProblemLog()
-    record = _record(fields, "/data/annotations/a.xml", "a.xml", images, names, fast)
-    assert record == _checked_record(fields, "/data/annotations/a.xml", "a.xml", images, names, checked)
+    record = _record(fields, "/data/annotations/a.xml", "a.xml", context, fast)
+    assert record == _checked_record(fields, "/data/annotations/a.xml", "a.xml", context, checked)
     assert fast.problems == checked.problems
 
 
@@ -305,7 +307,7 @@ def test_jsonl_problems_name_the_line_and_field(tmp_path: Path) -> None:
         json.dumps(
             {
                 "image_url": "c.jpg",
-                "label": [{"label": "r", "topX": 0.5, "topY": 0, "bottomX": 1.5, "bottomY": 1}],
+                "label": [{"label": "r", "topX": 1.5, "topY": 0, "bottomX": 2.5, "bottomY": 1}],
             }
         ),
         json.dumps({"image_url": "nothing.jpg", "label": []}),
@@ -320,7 +322,7 @@ def test_jsonl_problems_name_the_line_and_field(tmp_path: Path) -> None:
         (3, "image_url"),
         (4, "image_url"),
         (5, "image_details.width"),
-        (6, "label[0]"),
+        (6, "label[0]"),  # wholly outside the image: no rule repairs it
         (7, "image_url"),
     }
     assert "--datastore-root" in next(p.message for p in problems.errors if p.line == 3)

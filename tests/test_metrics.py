@@ -12,7 +12,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from visionautoml.training.metrics import (
+from visionautoml.evaluation.metrics import (
     COCO_STAT_NAMES,
     ImageDetections,
     ImageGroundTruth,

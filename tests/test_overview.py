@@ -15,9 +15,9 @@ from PIL import Image
 from visionautoml.cli import main
 from visionautoml.data.annotations import Dataset
 from visionautoml.data.formats import read_dataset
-from visionautoml.data.overview import pick_samples, write_overview
 from visionautoml.data.stats import compute_stats
 from visionautoml.errors import VisionAutoMLError
+from visionautoml.reports.overview import pick_samples, write_overview
 
 HOSTILE = '<img src=x onerror="alert(1)">$x$'
 

@@ -163,12 +163,14 @@ def test_runs_wait_times_out_then_reports_failed_and_lost_detached_runs(tmp_path
     workspace = tmp_path / "workspace"
     env = pipeline_env()
 
+    # Each detached run fails at validation a few seconds after it starts: wait on it at once.
     failing = cli("pipeline", "run", str(config), "--detach", env=env, cwd=tmp_path, timeout=120)
-    doomed = cli("pipeline", "run", str(config), "--detach", env=env, cwd=tmp_path, timeout=120)
-    failing_id, doomed_id = failing.stdout.strip(), doomed.stdout.strip()
+    failing_id = failing.stdout.strip()
     impatient = cli(
-        "runs", "wait", failing_id, "--timeout", "0.001", "-w", str(workspace), env=env, cwd=tmp_path
+        "runs", "wait", failing_id, "--timeout", "0.06s", "-w", str(workspace), env=env, cwd=tmp_path
     )
+    doomed = cli("pipeline", "run", str(config), "--detach", env=env, cwd=tmp_path, timeout=120)
+    doomed_id = doomed.stdout.strip()
     os.kill(_wait_until_running(workspace, doomed_id), signal.SIGKILL)
     lost = cli("runs", "wait", doomed_id, "-w", str(workspace), env=env, cwd=tmp_path)
     waited = cli("runs", "wait", failing_id, "-w", str(workspace), env=env, cwd=tmp_path)
@@ -178,9 +180,7 @@ def test_runs_wait_times_out_then_reports_failed_and_lost_detached_runs(tmp_path
     )
 
     assert failing.returncode == 0 and doomed.returncode == 0, failing.stderr + doomed.stderr
-    assert (
-        impatient.returncode == 124 and "still running after 0.001 minute(s); wait again" in impatient.stderr
-    )
+    assert impatient.returncode == 124 and "still running after 0.06s; wait again" in impatient.stderr
     assert lost.returncode == 1
     assert f"pipeline run {doomed_id} lost: its process ended without recording an outcome" in lost.stderr
     assert waited.returncode == 1

@@ -12,9 +12,9 @@ from PIL import Image
 
 from visionautoml.config import TrainingParameters
 from visionautoml.data.formats import read_dataset
-from visionautoml.training.evaluate import evaluate_predictions
-from visionautoml.training.metrics import ImageDetections, ImageGroundTruth
-from visionautoml.training.plots import (
+from visionautoml.evaluation.metrics import ImageDetections, ImageGroundTruth
+from visionautoml.evaluation.scoring import evaluate_predictions
+from visionautoml.reports.plots import (
     confusion_matrix,
     confusion_matrix_csv,
     per_class_ap_table,

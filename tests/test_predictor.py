@@ -13,12 +13,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from visionautoml.config import TrainingParameters
+from visionautoml.data.images import decode_image_bytes
 from visionautoml.errors import DataError
-from visionautoml.models import pyfunc
-from visionautoml.models.imageio import decode_image_bytes
 from visionautoml.models.predictor import Detections, Predictor, automl_boxes
 from visionautoml.models.saved import ModelSpec, load_model, save_model
 from visionautoml.models.zoo import build_model
+from visionautoml.tracking import pyfunc
 
 LITE = "ssdlite320_mobilenet_v3_large"
 LABELS = ["raccoon", "dog"]
@@ -59,7 +59,8 @@ def test_saved_model_folder_round_trips_to_identical_predictions(saved):
     assert sorted(p.name for p in saved.iterdir()) == ["labels.json", "model.json", "weights.pt"]
     spec = json.loads((saved / "model.json").read_text())
     assert spec["model_name"] == LITE and spec["labels"] == LABELS and spec["num_classes"] == 3
-    assert spec["image_size"] == 96 and spec["box_detections_per_image"] == 5 and spec["format_version"] == 1
+    assert spec["image_size"] == 96 and spec["thresholds"]["box_detections_per_image"] == 5
+    assert spec["format_version"] == 2
     assert json.loads((saved / "labels.json").read_text()) == LABELS
 
     module, loaded_spec = load_model(saved)

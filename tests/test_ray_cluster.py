@@ -207,12 +207,12 @@ DRIVER = textwrap.dedent(
     import ray
     from test_sweep import toy_trial
     from visionautoml.automl.compute import ComputeError, join_cluster
-    from visionautoml.automl.sweep import run_sweep
+    from visionautoml.automl.train import settle, train
     from visionautoml.config import parse_config
 
     config, out = json.loads(sys.argv[1]), sys.argv[2]
     job = parse_config(config)
-    run_sweep(job, trial_fn=toy_trial, output_json=out)
+    train(settle(job), trial_fn=toy_trial, output_json=out)
     too_many = job.compute.model_copy(update={"min_nodes": 3, "wait_timeout_minutes": 0.05})
     try:
         join_cluster(too_many)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from visionautoml.cli import app
 from visionautoml.errors import TrackingError
 from visionautoml.tracking import registry
+from visionautoml.tracking.schema import Tag
 
 VALIDATION = "raccoon-validation:1"
 
@@ -49,7 +50,7 @@ def register(
 ) -> registry.ModelVersionInfo:
     tags = {
         "metric.mean_average_precision": str(value),
-        registry.VALIDATION_DATASET_TAG: validation,
+        Tag.VALIDATION_DATASET: validation,
         "config_hash": "abc123",
     }
     return registry.register_model(logged_model(tmp_path), name, tags=tags)

@@ -24,15 +24,16 @@ from conftest import make_voc_dataset
 from mlflow import MlflowClient
 from PIL import Image
 
-from visionautoml.automl.report import build_sweep_report, report_after_sweep
 from visionautoml.cli import main
 from visionautoml.config import TrainingParameters
 from visionautoml.data.formats import read_dataset
 from visionautoml.data.stats import compute_stats
 from visionautoml.errors import TrackingError
-from visionautoml.training.evaluate import evaluate_predictions, write_evaluation
-from visionautoml.training.metrics import ImageDetections, ImageGroundTruth
-from visionautoml.training.plots import write_trial_plots
+from visionautoml.evaluation.metrics import ImageDetections, ImageGroundTruth
+from visionautoml.evaluation.scoring import evaluate_predictions, write_evaluation
+from visionautoml.reports.plots import write_trial_plots
+from visionautoml.reports.sweep import build_report, report_after_sweep
+from visionautoml.tracking.store import Store
 
 PRIMARY = "mean_average_precision"
 HOSTILE = '<script>alert("x")</script>'
@@ -215,6 +216,7 @@ def store(tmp_path_factory):
     client.set_terminated(parent_id, "FINISHED")
     return {
         "client": client,
+        "store": Store(f"sqlite:///{root / 'mlflow.db'}"),
         "root": root,
         "data": data,
         "parent": parent_id,
@@ -225,7 +227,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(store):
-    path = build_sweep_report(store["parent"], store["root"] / "out" / "report.html", store["client"])
+    path = build_report(store["parent"], store["root"] / "out" / "report.html", store["store"])
     text = path.read_text(encoding="utf-8")
     return text, Page(text)
 
@@ -311,7 +313,7 @@ def test_user_strings_are_escaped(report):
 
 
 def test_a_single_trial_run_gets_its_config_curves_and_plots(store, tmp_path):
-    path = build_sweep_report(store["runs"][1], tmp_path / "trial.html", store["client"])
+    path = build_report(store["runs"][1], tmp_path / "trial.html", store["store"])
     page = Page(path.read_text(encoding="utf-8"))
     assert page.sections == ["summary", "curves", "plots", "datasets", "configuration"]
     assert len(decode_all(page.images)) == 4  # the curves and the three plots
@@ -322,7 +324,7 @@ def test_a_single_trial_run_gets_its_config_curves_and_plots(store, tmp_path):
 
 
 def test_dataset_counts_logged_by_the_trial_are_shown_without_the_data(store, tmp_path):
-    path = build_sweep_report(store["runs"][2], tmp_path / "trial.html", store["client"])
+    path = build_report(store["runs"][2], tmp_path / "trial.html", store["store"])
     training, validation = Page(path.read_text(encoding="utf-8")).rows("datasets-table")
     for row, logged in ((training, LOGGED_COUNTS["training"]), (validation, LOGGED_COUNTS["validation"])):
         assert row["images"] == str(logged["images"]) and row["boxes"] == str(logged["boxes"])
@@ -345,9 +347,9 @@ def test_after_a_sweep_the_report_is_logged_to_the_parent_run_and_never_fails_it
 
 def test_an_unknown_run_is_a_clear_error(store, tmp_path):
     with pytest.raises(TrackingError, match="not in the tracking store"):
-        build_sweep_report("0" * 32, tmp_path / "x.html", store["client"])
+        build_report("0" * 32, tmp_path / "x.html", store["store"])
     with pytest.raises(TrackingError, match="not an MLflow run id"):
-        build_sweep_report("x' OR '1'='1", tmp_path / "x.html", store["client"])
+        build_report("x' OR '1'='1", tmp_path / "x.html", store["store"])
     assert not (tmp_path / "x.html").exists()
 
 

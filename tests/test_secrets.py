@@ -19,18 +19,12 @@ import requests
 import typer.main
 from rich.console import Console
 
-from visionautoml.cli import app
+from visionautoml import redact
+from visionautoml.cli import app, common
+from visionautoml.cli.common import refuse_secret_arguments
 from visionautoml.errors import ConfigError
-from visionautoml.pipeline import secrets
-from visionautoml.pipeline.secrets import (
-    check_secrets,
-    mask,
-    masked_output,
-    refuse_secret_arguments,
-    register_secret,
-    resolve_secrets,
-    write_masked_text,
-)
+from visionautoml.redact import mask, masked_output, register_secret, write_masked_text
+from visionautoml.secrets import check_secrets, resolve_secrets
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -131,7 +125,7 @@ def test_every_unresolved_secret_is_listed_and_no_value_is_shown(monkeypatch, tm
     }
 
     with pytest.raises(ConfigError) as caught:
-        resolve_secrets(raw, source="job.yaml")
+        resolve_secrets(raw, source="job.yaml", allowed_fields=None)
 
     message = str(caught.value)
     assert "TEST_MISSING} (used by tracking.password): not in the environment and no file" in message
@@ -191,7 +185,7 @@ def test_masking_covers_log_files_handlers_console_exceptions_and_written_files(
         assert "***" in text
     assert "rich *** 42" in out
     assert "connecting with ***" in log_text and "bad password ***" in log_text
-    assert not isinstance(sys.stdout, secrets._MaskingStream)
+    assert not isinstance(sys.stdout, redact.MaskingStream)
 
 
 def test_github_actions_and_azure_are_told_to_mask(monkeypatch, capfd):
@@ -332,5 +326,5 @@ def test_no_command_has_an_option_that_could_carry_a_secret():
     every_option = list(options(typer.main.get_command(app), "visionautoml"))
 
     assert any(option.endswith("secrets check --connect") for option in every_option)
-    offending = [option for option in every_option if secrets._looks_like_credential(option.split()[-1])]
+    offending = [option for option in every_option if common._looks_like_credential(option.split()[-1])]
     assert offending == []

@@ -22,9 +22,9 @@ import pytest
 from fastapi import HTTPException
 from PIL import Image
 
+from visionautoml.data.images import decode_image_bytes
 from visionautoml.deploy.runtime import OnnxPredictor
 from visionautoml.deploy.serve import ServeSettings, _InferencePool
-from visionautoml.models.imageio import decode_image_bytes
 from visionautoml.models.predictor import automl_boxes
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from visionautoml.automl import space
-from visionautoml.config import ParameterDistribution, TrainingParameters, parse_config
+from visionautoml.config import ParameterDistribution, TrainingParameters, parse_config, search_space_problems
 from visionautoml.errors import ConfigError
+from visionautoml.models.zoo import check_model_names
 
 SSD, FRCNN = "ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"
 ZOO_NAMES = [SSD, FRCNN, "fcos_resnet50_fpn", "fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn"]
@@ -129,29 +130,26 @@ def test_optuna_space_samples_conditional_subspaces():
     assert seen == {SSD, FRCNN, "fcos_resnet50_fpn"}
 
 
-def test_validation_names_the_bad_parameter_and_value():
-    bad = subspaces(
-        [
-            {
-                "lerning_rate": {"type": "uniform", "min_value": 0.1, "max_value": 0.2},
-                "optimizer": {"type": "choice", "values": ["sgd", "adan"]},
-                "model_name": {"type": "choice", "values": [SSD, "yolo_v99"]},
-            }
-        ]
-    )
+def test_the_space_is_checked_when_the_config_loads_naming_the_bad_parameter_and_value():
+    bad = [
+        {
+            "lerning_rate": {"type": "uniform", "min_value": 0.1, "max_value": 0.2},
+            "optimizer": {"type": "choice", "values": ["sgd", "adan"]},
+            "model_name": {"type": "choice", "values": [SSD, "yolo_v99"]},
+        }
+    ]
     with pytest.raises(ConfigError) as error:
-        space.validate_space(bad, TrainingParameters(), ZOO_NAMES)
+        parse_config({"search_space": bad})
     message = str(error.value)
-    assert "search_space[0].lerning_rate: not a training parameter" in message
+    assert "search_space[0].lerning_rate: not a training parameter; did you mean 'learning_rate'?" in message
     assert "search_space[0].optimizer: value 'adan' is invalid" in message
-    assert "search_space[0].model_name: unknown model(s) yolo_v99" in message
-    with pytest.raises(ConfigError, match="min_value > 0"):
-        space.plan_search(
-            subspaces([{"learning_rate": {"type": "loguniform", "min_value": 0, "max_value": 0.1}}]),
-            "random",
-            1,
-            0,
+    with pytest.raises(ConfigError, match=r"search_space.0.learning_rate: .*min_value > 0"):
+        parse_config(
+            {"search_space": [{"learning_rate": {"type": "loguniform", "min_value": 0, "max_value": 0.1}}]}
         )
+    job = parse_config({"search_space": [{"model_name": bad[0]["model_name"]}]})
+    with pytest.raises(ConfigError, match=r"search_space\[0\].model_name: unknown model 'yolo_v99'"):
+        check_model_names(job)
 
 
 def test_automatic_space_picks_light_models_on_cpu_and_strong_ones_on_gpu():
@@ -164,7 +162,7 @@ def test_automatic_space_picks_light_models_on_cpu_and_strong_ones_on_gpu():
     gpu_models = [value for subspace in gpu for value in subspace["model_name"].values]
     assert gpu_models == ["fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn"]
     assert all("weight_decay" not in subspace for subspace in gpu)
-    space.validate_space(cpu + gpu, TrainingParameters(), ZOO_NAMES)
+    assert search_space_problems(cpu + gpu, TrainingParameters()) == []
     with pytest.raises(ConfigError, match="automatic search space"):
         space.automatic_space(image_count=10, gpus=0, available_models=["ssd300_vgg16"])
 

@@ -61,7 +61,9 @@ def test_fraction_keeps_both_sides_non_empty() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    st.dictionaries(st.text("abcdef", min_size=1, max_size=4), st.lists(st.sampled_from("xyz"), max_size=3)),
+    st.dictionaries(
+        st.text("abcdef", min_size=1, max_size=4), st.lists(st.sampled_from("xyz"), max_size=3), min_size=2
+    ),
     st.floats(0.05, 0.95),
     st.integers(0, 10),
     st.integers(2, 7),

@@ -72,3 +72,27 @@ def test_cli_stats_on_a_voc_folder_with_plot(tiny_voc: Path, tmp_path: Path) -> 
     with Image.open(tmp_path / "s.png") as png:
         assert png.format == "PNG" and png.size[0] > 1000 and png.size[1] > 500
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.png", "tiny_voc"]  # no temporary left
+
+
+def test_plot_of_a_30000x30000_png_header_says_too_large_instead_of_crashing(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    from visionautoml.data.stats import plot_stats
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    huge = tmp_path / "huge.png"
+    header = struct.pack(">IIBBBBB", 30_000, 30_000, 8, 2, 0, 0, 0)
+    huge.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+    dataset = small_dataset(tmp_path / "images")
+    dataset.images.append(ImageRecord("huge.png", huge, 30_000, 30_000, [Box(0, 0, 10, 10, "cat")]))
+    target = plot_stats(dataset, compute_stats(dataset), tmp_path / "plot.png", samples=4)
+    with Image.open(target) as png:
+        assert png.format == "PNG"

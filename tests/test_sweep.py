@@ -28,10 +28,12 @@ from ray import cloudpickle
 from rich.console import Console
 
 from visionautoml.automl import compute
-from visionautoml.automl.sweep import PRIMARY_METRIC, SweepInterrupted, run_sweep
+from visionautoml.automl.sweep import SweepInterrupted
+from visionautoml.automl.train import settle, train
 from visionautoml.config import parse_config
 from visionautoml.errors import TrainingError
 from visionautoml.tracking import registry
+from visionautoml.tracking.schema import PRIMARY_METRIC
 from visionautoml.tracking.workspace import connect
 
 # Ray workers cannot import this test module; ship the stand-in trial by value instead.
@@ -140,7 +142,7 @@ def test_grid_sweep_with_bandit_stops_the_weak_trials_and_registers_the_best(
         ],
     )
     out = tmp_path / "sweep.json"
-    result = run_sweep(job, output_json=out, trial_fn=toy_trial, console=quiet())
+    result = train(settle(job), output_json=out, trial_fn=toy_trial, console=quiet())
 
     by_number = {trial.number: trial for trial in result.trials}
     assert [by_number[n].params for n in (1, 2, 3, 4)] == [
@@ -220,7 +222,7 @@ def test_failing_trials_are_recorded_with_their_reason_and_the_sweep_goes_on(
             }
         ],
     )
-    result = run_sweep(job, trial_fn=toy_trial, console=quiet())
+    result = train(settle(job), trial_fn=toy_trial, console=quiet())
 
     by_seed = {trial.params["seed"]: trial for trial in result.trials}
     assert by_seed[7].state == "completed"
@@ -255,7 +257,7 @@ def test_bayesian_sweep_samples_conditional_subspaces_with_optuna(local_ray, tra
             },
         ],
     )
-    result = run_sweep(job, trial_fn=toy_trial, console=quiet())
+    result = train(settle(job), trial_fn=toy_trial, console=quiet())
 
     assert len(result.trials) == 4
     assert all(trial.state == "completed" for trial in result.trials)
@@ -287,11 +289,11 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(local_ray, tracking_uri, 
     (workspace / "driver.pid").write_text(str(os.getpid()))
 
     with pytest.raises(SweepInterrupted, match="--resume"):
-        run_sweep(job, trial_fn=toy_trial, console=quiet())
+        train(settle(job), trial_fn=toy_trial, console=quiet())
     first_calls = (workspace / "calls.txt").read_text().split()
     assert len(first_calls) == 2
 
-    result = run_sweep(job, resume=True, trial_fn=toy_trial, console=quiet())
+    result = train(settle(job), resume=True, trial_fn=toy_trial, console=quiet())
     calls = (workspace / "calls.txt").read_text().split()
     # The finished trial is not run again; the interrupted one starts over; the last runs once.
     assert calls.count(first_calls[0]) == 1
@@ -307,13 +309,13 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(local_ray, tracking_uri, 
     assert sorted(run.info.status for run in children) == ["FINISHED"] * 3 + ["KILLED"]
 
     with pytest.raises(Exception, match="already finished"):
-        run_sweep(job, resume=True, trial_fn=toy_trial, console=quiet())
+        train(settle(job), resume=True, trial_fn=toy_trial, console=quiet())
 
 
 def test_resume_without_an_earlier_sweep_says_so(tracking_uri, tmp_path):
     job = make_job(tmp_path, tracking_uri, limits={"max_trials": 2})
     with pytest.raises(Exception, match="no sweep of this config"):
-        run_sweep(job, resume=True, trial_fn=toy_trial, console=quiet())
+        train(settle(job), resume=True, trial_fn=toy_trial, console=quiet())
 
 
 def test_an_automatic_sweep_where_no_trial_succeeds_registers_nothing_and_fails(
@@ -329,10 +331,10 @@ def test_an_automatic_sweep_where_no_trial_succeeds_registers_nothing_and_fails(
     out = tmp_path / "out.json"
     console = quiet()
     with pytest.raises(TrainingError, match="nothing was registered"):
-        run_sweep(job, output_json=out, trial_fn=toy_trial, console=console)
+        train(settle(job), output_json=out, trial_fn=toy_trial, console=console)
     assert "automatic space" in console.file.getvalue()
     report = json.loads(out.read_text())
-    assert report["registered_model"] is None and report["status"] == "FAILED"
+    assert report["registered_model"] is None and report["status"] == "failed"
     for trial in report["trials"]:
         assert trial["state"] == "failed"
         # A tiny dataset on a CPU: the light models, with batch size and weight decay searched too.
@@ -392,7 +394,7 @@ def test_a_real_sweep_trains_two_models_and_registers_the_better(local_ray, trac
         search_space=[{"model_name": {"type": "choice", "values": MODELS}}],
     )
     console = quiet()
-    result = run_sweep(job, console=console)
+    result = train(settle(job), console=console)
 
     assert {trial.params["model_name"] for trial in result.trials} == set(MODELS)
     assert [trial.state for trial in result.trials] == ["completed", "completed"]

@@ -23,12 +23,8 @@ from test_pipeline import cli, pipeline_env, tiny_pipeline_config
 
 from visionautoml.config import JobConfig
 from visionautoml.errors import ConfigError, TrackingError
-from visionautoml.tracking.auth import (
-    apply_credentials,
-    check_server,
-    scrub_credentials,
-    scrubbed_tracking_errors,
-)
+from visionautoml.redact import scrub
+from visionautoml.tracking.auth import apply_credentials, check_server, scrubbed_tracking_errors
 
 VENV_BIN = Path(sys.executable).parent
 CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -277,7 +273,7 @@ def test_credentials_in_library_errors_are_scrubbed(monkeypatch, clean_credentia
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pa55-word-9")
     text = "GET https://bot:pa55-word-9@mlflow.example.org/api failed; auth pa55-word-9"
 
-    assert scrub_credentials(text) == "GET https://***@mlflow.example.org/api failed; auth ***"
+    assert scrub(text) == "GET https://***@mlflow.example.org/api failed; auth ***"
     with pytest.raises(TrackingError) as caught, scrubbed_tracking_errors("https://bot:x@mlflow.example.org"):
         raise requests.ConnectionError(text)
     assert str(caught.value) == (

@@ -11,9 +11,10 @@ from conftest import TINY_TRAINING, make_voc_dataset
 from visionautoml.config import TrainingParameters
 from visionautoml.data.formats import read_dataset
 from visionautoml.errors import TrainingError
+from visionautoml.evaluation.scoring import evaluate_predictions
 from visionautoml.models.zoo import build_model
 from visionautoml.training.dataset import make_data_loader
-from visionautoml.training.evaluate import evaluate_predictions, predict_loader
+from visionautoml.training.evaluate import predict_loader
 from visionautoml.training.trainer import (
     build_optimizer,
     checkpoint_paths,

@@ -18,13 +18,15 @@ from visionautoml import cli
 from visionautoml.config import parse_config
 from visionautoml.data.convert import convert
 from visionautoml.data.formats import read_dataset
+from visionautoml.data.sources import content_digest
 from visionautoml.data.versions import DatasetStore, default_store_root
 from visionautoml.errors import DataError
 from visionautoml.models.saved import load_model
 from visionautoml.models.zoo import build_model
 from visionautoml.tracking import workspace
 from visionautoml.tracking.models import resolve_model
-from visionautoml.training.trial import content_digest, flat_params, git_commit, load_trial_data, run_trial
+from visionautoml.tracking.schema import git_commit
+from visionautoml.training.trial import dataset_tags, flat_params, load_trial_data, run_trial
 
 SECRET = "s3cr3t-Tracking-Pa55"
 TINY = {**TINY_TRAINING, "number_of_epochs": 2}
@@ -82,12 +84,13 @@ def test_trial_data_comes_from_folders_converted_output_or_the_dataset_store(voc
     version = DatasetStore(default_store_root(job.workspace)).register(voc, "tiny")
 
     refs = {"training_data": "tiny", "validation_data": "tiny:1"}
-    by_ref = load_trial_data(job.model_copy(update=refs), params)
-    assert by_ref.tags["dataset.training"] == by_ref.tags["dataset.validation"] == "tiny:1"
-    assert by_ref.tags["dataset.validation.digest"] == version.digest
+    by_ref = dataset_tags(load_trial_data(job.model_copy(update=refs), params))
+    assert by_ref["dataset.training"] == by_ref["dataset.validation"] == "tiny:1"
+    assert by_ref["dataset.validation.digest"] == version.digest
     by_path = load_trial_data(job.model_copy(update={"training_data": version.annotations}), params)
-    assert by_path.tags["dataset.source"] == "tiny:1"  # split inside the trial: parts of tiny:1, not tiny:1
-    assert by_path.tags["dataset.validation"] == "sha256:" + by_path.tags["dataset.validation.digest"][:16]
+    path_tags = dataset_tags(by_path)
+    assert path_tags["dataset.source"] == "tiny:1"  # split inside the trial: parts of tiny:1, not tiny:1
+    assert path_tags["dataset.validation"] == "sha256:" + path_tags["dataset.validation.digest"][:16]
     assert (len(by_path.training.images), len(by_path.validation.images)) == (6, 2)
 
     assert content_digest(read_dataset(voc)) == version.digest  # the same content, the same digest
@@ -96,7 +99,7 @@ def test_trial_data_comes_from_folders_converted_output_or_the_dataset_store(voc
     convert(voc, converted, "jsonl", validation_every=2)
     folder = load_trial_data(job.model_copy(update={"training_data": str(converted)}), params)
     assert (len(folder.training.images), len(folder.validation.images)) == (4, 4)
-    assert folder.tags["dataset.validation.path"] == str(converted / "validation_annotations.jsonl")
+    assert dataset_tags(folder)["dataset.validation.path"] == str(converted / "validation_annotations.jsonl")
 
     other = make_voc_dataset(tmp_path / "other", n_images=2, classes=("green_square",))
     with pytest.raises(DataError, match="unknown label 'green_square'"):
@@ -131,7 +134,7 @@ def test_a_trial_logs_everything_to_mlflow_and_reads_back(store, voc, tmp_path, 
     assert tags["model_name"] == TINY["model_name"]
     assert tags["dataset.validation.path"] == str(converted / "validation_annotations.jsonl")
     assert tags["dataset.training"] == "sha256:" + tags["dataset.training.digest"][:16]
-    assert tags["config_fingerprint"] and tags.get("git_commit") == git_commit()
+    assert tags["config_hash"] and tags.get("git_commit") == git_commit()
     for name in ("loss", "loss_classification", "lr", "mean_average_precision", "map_50", "ap_blue_square"):
         assert [m.step for m in client.get_metric_history(result.run_id, name)] == [1, 2], name
     best = client.get_metric_history(result.run_id, "best_mean_average_precision")
@@ -191,9 +194,12 @@ def test_train_cli_writes_the_output_json_and_honours_mlflow_tracking_uri(
     assert code == 0, stderr
     result = json.loads(out.read_text())
     assert result["model_uri"] == f"runs:/{result['run_id']}/model" and result["run_id"] in stdout
-    assert {"map", "map_50", "map_75", "mean_average_precision", "precision", "recall", "per_class"} <= set(
+    # The one output schema of train, sweeps and the pipeline: flat metrics, per class as ap_<label>.
+    assert result["schema"] == "visionautoml.outcome/1" and result["status"] == "succeeded"
+    assert {"map", "map_50", "map_75", "mean_average_precision", "precision", "recall"} <= set(
         result["metrics"]
     )
+    assert {"ap_red_square", "ap_blue_square"} <= set(result["metrics"])
     assert not (tmp_path / "not-this.db").exists()
     run = MlflowClient(store).get_run(result["run_id"])
     assert mlflow.get_experiment(run.info.experiment_id).name == "cli"
@@ -210,7 +216,7 @@ def test_a_failed_trial_is_recorded_and_the_cli_exits_1_with_the_reason(
     assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == result.failure_reason
 
     missing = run_trial(make_job(tmp_path, store, tmp_path / "no-such-data"))
-    assert missing.status == "FAILED" and "no-such-data: no such file or folder" in missing.failure_reason
+    assert missing.status == "FAILED" and "no-such-data' is no file or folder" in missing.failure_reason
 
     config = tmp_path / "nan.yaml"
     config.write_text(yaml.safe_dump(job.model_dump(mode="json", exclude_defaults=True)))

@@ -17,7 +17,7 @@ from visionautoml.data.validate import validate_dataset
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """The real entry point in a fresh process: exit code, output and tracebacks as users see them."""
-    command = [sys.executable, "-m", "visionautoml.cli", *args]
+    command = [str(Path(sys.executable).with_name("visionautoml")), *args]
     return subprocess.run(
         command, capture_output=True, text=True, timeout=120, env={"COLUMNS": "200", "PATH": ""}
     )
@@ -44,12 +44,14 @@ def test_cli_reports_all_four_problems_exits_1_without_traceback(tmp_path: Path)
     assert result.returncode == 1, result.stdout + result.stderr
     for name in ("img-000.jpg", "img-001.xml", "img-002.xml", "img-003.xml"):
         assert name in result.stdout, name
-    assert "outside" in result.stdout and "zero or negative area" in result.stdout
+    assert "clipped" in result.stdout and "zero area" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
 
     as_json = run_cli("data", "validate", str(root), "--json")
     report = json.loads(as_json.stdout)
-    assert as_json.returncode == 1 and report["errors"] == 4 and report["images"] == 4
+    # the truncated image and the malformed file are errors; the two boxes are repaired with a warning
+    assert as_json.returncode == 1 and report["errors"] == 2 and report["images"] == 4
+    assert sorted(p["repair"] for p in report["problems"] if p["repair"]) == ["clipped box", "dropped box"]
     assert {Path(problem["file"]).name for problem in report["problems"]} == {
         "img-000.jpg",
         "img-001.xml",

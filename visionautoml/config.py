@@ -8,9 +8,12 @@ value fails before any work starts, naming the field.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,10 +29,39 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-class TrainingParameters(_Strict):
-    """Hyperparameters of one trial (a single training run)."""
+DEFAULT_WORKSPACE = ".visionautoml"
+"""Where runs, datasets, checkpoints and sweeps live unless a config or option says otherwise."""
+
+
+class Thresholds(_Strict):
+    """Which detections a trained model reports: the one definition training, export and serving share.
+
+    A detection is kept when its score is at least ``box_score_threshold`` (:meth:`keep`),
+    after class-wise NMS at ``nms_iou_threshold``, best ``box_detections_per_image`` first.
+    The saved model carries these, so a served model answers as it did in validation.
+    """
+
+    box_score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.3
+    nms_iou_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    box_detections_per_image: Annotated[int, Field(ge=1)] = 100
+
+    def keep(self, scores: Any) -> Any:
+        """The mask of ``scores`` (a tensor or an array) a model reports: ``score >= box_score_threshold``."""
+        return scores >= self.box_score_threshold
+
+    @classmethod
+    def of(cls, settings: BaseModel) -> Thresholds:
+        """The thresholds among ``settings``' fields (training parameters, a spec)."""
+        return cls.model_validate({name: getattr(settings, name) for name in cls.model_fields})
+
+
+class TrainingParameters(Thresholds):
+    """Hyperparameters of one trial (a single training run), the inference thresholds included."""
 
     model_name: str = "fasterrcnn_resnet50_fpn"
+    model_size: Literal["small", "medium", "large", "extra_large"] | None = Field(
+        None, description="with model_name: yolox, which YOLOX (the cloud service's name; default medium)"
+    )
     pretrained: str = Field(
         "coco",
         description="coco | imagenet | none | PATH to a local state dict (loaded with weights_only=True)",
@@ -70,9 +102,6 @@ class TrainingParameters(_Strict):
     apply_automl_train_augmentations: bool = True
     number_of_workers: Annotated[int, Field(ge=0)] | None = None
 
-    box_score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.3
-    nms_iou_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
-    box_detections_per_image: Annotated[int, Field(ge=1)] = 100
     validation_metric_type: Literal["voc", "coco", "coco_voc"] = "voc"
     validation_iou_threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
 
@@ -117,7 +146,63 @@ class ParameterDistribution(_Strict):
             raise ValueError(f"distribution '{self.type}' needs {', '.join(missing)}")
         if self.type == "choice" and not self.values:
             raise ValueError("distribution 'choice' needs a non-empty list of values")
+        kind = self.type
+        ranged = kind in ("uniform", "loguniform", "quniform", "qloguniform")
+        if ranged and not self.min_value < self.max_value:
+            raise ValueError("min_value must be below max_value")
+        if kind in ("loguniform", "qloguniform") and self.min_value <= 0:
+            raise ValueError(f"{kind} needs min_value > 0 (it samples the logarithm)")
+        if kind in ("quniform", "qloguniform") and self.q <= 0:
+            raise ValueError("q must be positive")
+        if kind in ("normal", "lognormal") and self.sigma <= 0:
+            raise ValueError("sigma must be positive")
+        if kind == "randint" and self.upper <= (self.lower or 0):
+            raise ValueError("upper must be above lower (randint draws from [lower, upper))")
         return self
+
+    def probe_values(self) -> list[Any]:
+        """Values that stand for the whole distribution when checking it: choices and range ends."""
+        if self.type == "choice":
+            return list(self.values or [])
+        if self.type in ("uniform", "loguniform", "quniform", "qloguniform"):
+            return [self.min_value, self.max_value]
+        if self.type == "randint":
+            return [self.lower or 0, self.upper - 1]
+        return [math.exp(self.mu) if self.type == "lognormal" else self.mu]
+
+
+def search_space_problems(
+    subspaces: list[dict[str, ParameterDistribution]], fixed: TrainingParameters
+) -> list[str]:
+    """What is wrong with a search space, checked once when the config loads, before any work.
+
+    Each name must be a training parameter (a typo is answered with the closest one) and each
+    choice and range end must be a value that parameter takes with the fixed ones around it,
+    so ``optimizer: {values: [sgd, adan]}`` fails now, not in trial 7 an hour from now. Model
+    names are the zoo's to check (:func:`visionautoml.models.zoo.check_model_names`).
+    """
+    problems: list[str] = []
+    known = list(TrainingParameters.model_fields)
+    base = fixed.model_dump()
+    for index, subspace in enumerate(subspaces):
+        if not subspace:
+            problems.append(f"search_space[{index}]: empty sub-space; give at least one parameter")
+        for name, distribution in subspace.items():
+            where = f"search_space[{index}].{name}"
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else " (see the training_parameters names)"
+                problems.append(f"{where}: not a training parameter{hint}")
+                continue
+            if name == "model_name":
+                continue
+            for value in distribution.probe_values():
+                try:
+                    TrainingParameters.model_validate({**base, name: value})
+                except ValidationError as error:
+                    problems.append(f"{where}: value {value!r} is invalid: {error.errors()[0]['msg']}")
+                    break
+    return problems
 
 
 class Limits(_Strict):
@@ -213,10 +298,13 @@ class JobConfig(_Strict):
 
     experiment_name: str = "visionautoml"
     task: Literal["image_object_detection"] = "image_object_detection"
-    workspace: str = ".visionautoml"
+    workspace: str = DEFAULT_WORKSPACE
     training_data: str | None = None
     validation_data: str | None = None
     validation_data_size: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    datastore_root: str | None = Field(
+        None, description="local copy of the cloud datastore that azureml:// image URLs point into"
+    )
     tracking: Tracking = Tracking()
     training_parameters: TrainingParameters = TrainingParameters()
     limits: Limits = Limits()
@@ -225,6 +313,18 @@ class JobConfig(_Strict):
     compute: Compute = Compute()
     register: Register = Register()
     pipeline: Pipeline = Pipeline()
+
+    @model_validator(mode="after")
+    def _check_search_space(self) -> JobConfig:
+        problems = search_space_problems(self.search_space, self.training_parameters)
+        if problems:
+            raise ValueError("invalid search space:\n    " + "\n    ".join(problems))
+        return self
+
+    @property
+    def is_sweep(self) -> bool:
+        """Several trials, or a cluster to run on: both go through Ray Tune; else one trial here."""
+        return bool(self.search_space) or self.limits.max_trials > 1 or self.compute.target == "ray"
 
     def fingerprint(self) -> str:
         """A short hash of the config, stored as a tag so a model points at its config.
@@ -245,8 +345,21 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
-    """Read and validate a YAML job config; ``overrides`` are top-level keys set on top."""
+def load_config(
+    path: str | Path, overrides: dict[str, Any] | None = None, settings: Sequence[str] = ()
+) -> JobConfig:
+    """Read and validate a YAML job config.
+
+    ``overrides`` are top-level keys set on top (None values are skipped); ``settings`` are
+    ``KEY.PATH=VALUE`` strings (``--set``), the value read as YAML, applied last.
+    """
+    return parse_config(read_raw_config(path, overrides, settings), source=str(path))
+
+
+def read_raw_config(
+    path: str | Path, overrides: dict[str, Any] | None = None, settings: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The config file's mapping with the overrides applied, not yet validated."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -257,7 +370,30 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Jo
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a YAML mapping of keys to values")
     raw.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    return parse_config(raw, source=str(path))
+    for setting in settings:
+        apply_setting(raw, setting)
+    return raw
+
+
+def apply_setting(raw: dict[str, Any], setting: str) -> None:
+    """Set ``KEY.PATH=VALUE`` in ``raw`` in place; the value is a YAML scalar, list or mapping."""
+    key, sep, text = setting.partition("=")
+    names = [name.strip() for name in key.split(".")]
+    if not sep or not all(names):
+        raise ConfigError(
+            f"--set {setting}: write KEY.PATH=VALUE, e.g. --set training_parameters.learning_rate=0.01"
+        )
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {setting}: the value is not valid YAML ({error})") from None
+    target = raw
+    for name in names[:-1]:
+        child = target.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {setting}: '{name}' is a value, not a section")
+        target = child
+    target[names[-1]] = value
 
 
 def parse_config(raw: dict[str, Any], source: str = "config") -> JobConfig:

@@ -28,3 +28,16 @@ class TrainingError(VisionAutoMLError):
 
 class TrackingError(VisionAutoMLError):
     """The tracking server or the model registry refused or failed a request."""
+
+
+def first_line(error: BaseException | str, *, limit: int = 300) -> str:
+    """The first non-blank line of an error (or of a message), for one-line reports of a failure.
+
+    Library errors often carry a whole traceback or a server's HTML page; the first line is
+    the part that says what went wrong. An exception without text is named by its type.
+    """
+    text = getattr(error, "message", None) or str(error)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if lines:
+        return lines[0][:limit]
+    return type(error).__name__ if isinstance(error, BaseException) else "unknown error"

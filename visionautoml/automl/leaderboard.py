@@ -17,10 +17,15 @@ from rich.live import Live
 from rich.table import Table
 
 from visionautoml.automl.schedulers import FINAL_KEY, INTERVAL_KEY
-from visionautoml.automl.trial_runner import BEST_KEY, PRIMARY_METRIC, finite
+from visionautoml.automl.trial_runner import BEST_KEY, finite
+from visionautoml.tracking.schema import PRIMARY_METRIC, TrialState
 
-# Trial states, as the leaderboard and the child runs' ``trial_state`` tag show them.
-COMPLETED, EARLY_TERMINATED, FAILED, NOT_STARTED = "completed", "early_terminated", "failed", "not_started"
+COMPLETED, EARLY_TERMINATED, FAILED, NOT_STARTED = (
+    TrialState.COMPLETED,
+    TrialState.EARLY_TERMINATED,
+    TrialState.FAILED,
+    TrialState.NOT_STARTED,
+)
 
 
 @dataclass
@@ -40,6 +45,8 @@ class TrialRecord:
     node_id: str | None = None
     seconds: float = 0.0
     reason: str = ""
+    retries: int = 0
+    """How often Ray Tune restarted the trial after its process or node was lost."""
 
 
 class Board:
@@ -166,22 +173,23 @@ def _score(record: TrialRecord) -> float | None:
 
 
 def leaderboard_rows(records: list[TrialRecord], searched: list[str]) -> list[dict[str, Any]]:
+    """One row per trial, best first; a ``retries`` column only when some trial was retried."""
+    retried = any(record.retries for record in records)
     rows = []
     for rank, record in enumerate(ranked(records), start=1):
         score = _score(record)
-        rows.append(
-            {
-                "rank": rank,
-                "trial": record.number,
-                "state": record.state,
-                **{name: format_value(record.params.get(name)) for name in searched},
-                "epochs": record.epoch,
-                PRIMARY_METRIC: f"{score:.4f}" if score is not None else "",
-                "seconds": record.seconds,
-                "run_id": record.run_id or "",
-                "reason": record.reason,
-            }
-        )
+        row = {
+            "rank": rank,
+            "trial": record.number,
+            "state": str(record.state),
+            **{name: format_value(record.params.get(name)) for name in searched},
+            "epochs": record.epoch,
+            PRIMARY_METRIC: f"{score:.4f}" if score is not None else "",
+            "seconds": f"{record.seconds:g}",
+        }
+        if retried:
+            row["retries"] = record.retries
+        rows.append({**row, "run_id": record.run_id or "", "reason": record.reason})
     return rows
 
 
@@ -190,10 +198,18 @@ def leaderboard_markdown(records: list[TrialRecord], searched: list[str]) -> str
     rows = leaderboard_rows(records, searched)
     if not rows:
         return "No trials ran.\n"
-    columns = list(rows[0])
+    return markdown_table(list(rows[0]), rows)
+
+
+def markdown_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of ``rows`` (dicts) in ``columns`` order; ``|`` escaped, floats to 4 places."""
+
+    def cell(value: Any) -> str:
+        text = f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
+        return text.replace("|", "\\|").replace("\n", " ")
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(str(row[column]).replace("|", "/") for column in columns) + " |")
+    lines += ["| " + " | ".join(cell(row.get(column)) for column in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -13,53 +13,43 @@ import contextlib
 import io
 import json
 import logging
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import yaml
-from mlflow import MlflowClient
 
 from visionautoml.automl import space
-from visionautoml.automl.leaderboard import (
-    COMPLETED,
-    EARLY_TERMINATED,
-    FAILED,
-    NOT_STARTED,
-    TrialRecord,
-    leaderboard_csv,
-)
-from visionautoml.automl.trial_runner import PRIMARY_METRIC, TRIAL_RUN_PREFIX
+from visionautoml.automl.leaderboard import TrialRecord, leaderboard_csv
+from visionautoml.automl.trial_runner import TRIAL_RUN_PREFIX
 from visionautoml.config import JobConfig
+from visionautoml.redact import strip_userinfo
 from visionautoml.tracking import registry
-from visionautoml.tracking.auth import server_name
+from visionautoml.tracking.schema import (
+    PRIMARY_METRIC,
+    SWEEP_KIND,
+    TRIAL_RUN_STATUS,
+    Artifact,
+    RunStatus,
+    Tag,
+    TrialState,
+    git_commit,
+    model_version_tags,
+)
+from visionautoml.tracking.store import Store
 from visionautoml.tracking.workspace import resolve_tracking_uri
-
-_RUN_STATUS = {COMPLETED: "FINISHED", EARLY_TERMINATED: "KILLED", FAILED: "FAILED", NOT_STARTED: "KILLED"}
 
 
 def now() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def _git_commit() -> str:
-    from visionautoml.training.trial import git_commit
-
-    return git_commit() or "unknown"
-
-
-def _client() -> MlflowClient:
-    return MlflowClient()
-
-
 def _public_config(job: JobConfig) -> dict[str, Any]:
     """The config as logged: credentials left out, a URI's ``user:password@`` redacted."""
     config = job.model_dump(mode="json", exclude={"tracking": {"username", "password", "token"}})
     if config["tracking"].get("uri"):
-        config["tracking"]["uri"] = server_name(config["tracking"]["uri"])
+        config["tracking"]["uri"] = strip_userinfo(config["tracking"]["uri"])
     return config
 
 
@@ -72,16 +62,15 @@ def start_parent_run(
     automatic: bool,
 ) -> str:
     """The sweep's own run: its settings as params, the config and search space as artifacts."""
-    client = _client()
+    store = Store()
     tags = {
-        "visionautoml.kind": "sweep",
-        "config_hash": fingerprint,
-        "git_commit": _git_commit(),
+        Tag.KIND: SWEEP_KIND,
+        Tag.CONFIG_HASH: fingerprint,
+        Tag.GIT_COMMIT: git_commit() or "unknown",
         **dataset_tags,
-        "tracking_uri": server_name(resolve_tracking_uri(job)),
+        Tag.TRACKING_URI: strip_userinfo(resolve_tracking_uri(job)),
     }
-    run = client.create_run(experiment_id, run_name=f"sweep-{now()}", tags=tags)
-    run_id = run.info.run_id
+    run_id = store.create_run(experiment_id, f"sweep-{now()}", tags)
     termination = job.sweep.early_termination
     params = {
         "sampling_algorithm": plan.algorithm,
@@ -91,32 +80,33 @@ def start_parent_run(
         "timeout_minutes": job.limits.timeout_minutes,
         "trial_timeout_minutes": job.limits.trial_timeout_minutes,
         "automatic_search_space": automatic,
-        "primary_metric": PRIMARY_METRIC,
+        Tag.PRIMARY_METRIC: PRIMARY_METRIC,
     }
     if termination:
         params.update(
             {f"early_termination.{k}": v for k, v in termination.model_dump().items() if v is not None}
         )
-    for key, value in params.items():
-        client.log_param(run_id, key, value)
+    store.log_params(run_id, params)
     search_space = [
         {name: distribution.model_dump(exclude_none=True) for name, distribution in subspace.items()}
         for subspace in plan.subspaces
     ]
-    with tempfile.TemporaryDirectory(prefix="visionautoml-sweep-") as folder:
-        (Path(folder) / "config.yaml").write_text(yaml.safe_dump(_public_config(job), sort_keys=False))
-        (Path(folder) / "search_space.json").write_text(json.dumps(search_space, indent=2))
-        client.log_artifact(run_id, str(Path(folder) / "config.yaml"))
-        client.log_artifact(run_id, str(Path(folder) / "search_space.json"))
+    store.log_files(
+        run_id,
+        {
+            Artifact.CONFIG: yaml.safe_dump(_public_config(job), sort_keys=False),
+            Artifact.SEARCH_SPACE: json.dumps(search_space, indent=2),
+        },
+    )
     return run_id
 
 
 def reopen_run(run_id: str) -> None:
-    _client().update_run(run_id, status="RUNNING")
+    Store().reopen_run(run_id)
 
 
 def end_run(run_id: str, status: str) -> None:
-    _client().set_terminated(run_id, status=status)
+    Store().end_run(run_id, status)
 
 
 def settle_child_runs(experiment_id: str, parent_run_id: str, records: list[TrialRecord]) -> None:
@@ -124,72 +114,67 @@ def settle_child_runs(experiment_id: str, parent_run_id: str, records: list[Tria
 
     Tune kills stopped and failed trials' processes, so their runs are still RUNNING;
     a trial that failed before it opened a run gets one here, so that every trial is in
-    MLflow. A trial that ran twice (interrupted, then resumed) keeps its newest run.
+    MLflow. A trial that ran more than once (interrupted, retried) keeps its newest run.
     """
-    client = _client()
-    runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=5000
-    )
+    store = Store()
     by_name: dict[str, list[Any]] = {}
-    for run in runs:
-        by_name.setdefault(run.info.run_name, []).append(run)
+    for run in store.child_runs(experiment_id, parent_run_id):
+        by_name.setdefault(run.name, []).append(run)
     for record in records:
         name = TRIAL_RUN_PREFIX + record.trial_id
-        candidates = sorted(by_name.get(name, []), key=lambda run: run.info.start_time or 0)
+        candidates = sorted(by_name.get(name, []), key=lambda run: run.start_time or 0)
         for stale in candidates[:-1]:
-            if stale.info.status == "RUNNING":
-                client.set_tag(stale.info.run_id, "trial_state", "interrupted")
-                client.set_terminated(stale.info.run_id, status="KILLED")
+            if stale.status == RunStatus.RUNNING:
+                store.set_tags(stale.run_id, {Tag.TRIAL_STATE: TrialState.INTERRUPTED})
+                store.end_run(stale.run_id, RunStatus.KILLED)
         if candidates:
-            run = candidates[-1]
-        elif record.state == NOT_STARTED:
+            run_id, status = candidates[-1].run_id, candidates[-1].status
+        elif record.state == TrialState.NOT_STARTED:
             continue
         else:
-            run = client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_run_id})
-            for key, value in record.params.items():
-                client.log_param(run.info.run_id, key, value)
-        run_id = run.info.run_id
+            run_id = store.create_run(experiment_id, name, {Tag.MLFLOW_PARENT_RUN_ID: parent_run_id})
+            store.log_params(run_id, record.params)
+            status = RunStatus.RUNNING
         record.run_id = record.run_id or run_id
-        client.set_tag(run_id, "trial_state", record.state)
-        client.set_tag(run_id, "tune_trial_id", record.trial_id)
+        tags = {Tag.TRIAL_STATE: record.state, Tag.TUNE_TRIAL_ID: record.trial_id}
         if record.node_id:
-            client.set_tag(run_id, "ray_node_id", record.node_id)
+            tags[Tag.RAY_NODE_ID] = record.node_id
+        if record.retries:
+            tags[Tag.RETRIES] = record.retries
         if record.reason:
-            client.set_tag(
-                run_id, "failure_reason" if record.state == FAILED else "stop_reason", record.reason
-            )
-        if record.state != COMPLETED or run.info.status in ("RUNNING", "SCHEDULED"):
-            client.set_terminated(run_id, status=_RUN_STATUS[record.state])
+            tags[Tag.FAILURE_REASON if record.state == TrialState.FAILED else Tag.STOP_REASON] = record.reason
+        store.set_tags(run_id, tags)
+        if record.state != TrialState.COMPLETED or status in (RunStatus.RUNNING, "SCHEDULED"):
+            store.end_run(run_id, TRIAL_RUN_STATUS[TrialState(record.state)])
 
 
 def log_leaderboard(
     parent_run_id: str, records: list[TrialRecord], searched: list[str], markdown: str
 ) -> None:
-    client = _client()
-    with tempfile.TemporaryDirectory(prefix="visionautoml-leaderboard-") as folder:
-        for name, text in (
-            ("leaderboard.md", markdown),
-            ("leaderboard.csv", leaderboard_csv(records, searched)),
-        ):
-            (Path(folder) / name).write_text(text, encoding="utf-8")
-            client.log_artifact(parent_run_id, str(Path(folder) / name))
+    store = Store()
+    store.log_files(
+        parent_run_id,
+        {
+            Artifact.LEADERBOARD_MARKDOWN: markdown,
+            Artifact.LEADERBOARD_CSV: leaderboard_csv(records, searched),
+        },
+    )
     counts: dict[str, int] = {}
     for record in records:
         counts[record.state] = counts.get(record.state, 0) + 1
-    for state, count in counts.items():
-        client.log_metric(parent_run_id, f"trials_{state}", count)
+    store.log_metrics(parent_run_id, {f"trials_{state}": count for state, count in counts.items()})
 
 
 def tag_parent(parent_run_id: str, best: TrialRecord | None, registered: str | None) -> None:
     """The best trial and the registered ``NAME/VERSION`` on the parent run, for finding them from it."""
-    client = _client()
+    store = Store()
     if best is not None:
-        client.set_tag(parent_run_id, "best_trial", best.trial_id)
-        client.set_tag(parent_run_id, "best_trial_run_id", best.run_id or "")
-        for key, value in best.metrics.items():
-            client.log_metric(parent_run_id, f"best_{key}", value)
+        store.set_tags(
+            parent_run_id, {Tag.BEST_TRIAL: best.trial_id, Tag.BEST_TRIAL_RUN_ID: best.run_id or ""}
+        )
+        store.log_metrics(parent_run_id, {f"best_{key}": value for key, value in best.metrics.items()})
     if registered is not None:
-        client.set_tag(parent_run_id, "registered_model", registered)
+        store.set_tags(parent_run_id, {Tag.REGISTERED_MODEL: registered})
 
 
 @contextmanager
@@ -205,25 +190,25 @@ def _quiet_mlflow() -> Iterator[None]:
         registry_logger.setLevel(level)
 
 
-def register_best(
+def register_model_version(
     job: JobConfig,
-    model_name: str,
-    best: TrialRecord,
+    model_uri: str,
+    metrics: dict[str, float],
     dataset_tags: dict[str, str],
-    fingerprint: str,
-    parent_run_id: str,
+    *,
+    config_hash: str,
+    model_name: str,
+    sweep_parent_run_id: str | None = None,
+    started_from: str | None = None,
 ) -> registry.ModelVersionInfo:
-    """Register the best trial's model with everything needed to judge it later as tags."""
-    tags = {
-        **{f"{registry.METRIC_TAG_PREFIX}{key}": f"{value:.6g}" for key, value in best.metrics.items()},
-        "primary_metric": PRIMARY_METRIC,
-        **dataset_tags,
-        "config_hash": fingerprint,
-        "git_commit": _git_commit(),
-        "sweep_parent_run_id": parent_run_id,
-        "model_name": str(best.params.get("model_name", job.training_parameters.model_name)),
-    }
+    """Register a trained model (a sweep's best trial or a single trial) with the tags to judge it by."""
+    tags = model_version_tags(
+        metrics=metrics,
+        dataset_tags=dataset_tags,
+        config_hash=config_hash,
+        model_name=model_name,
+        sweep_parent_run_id=sweep_parent_run_id,
+        started_from=started_from,
+    )
     with _quiet_mlflow():
-        return registry.register_model(
-            best.model_uri, model_name, tags=tags, aliases=(registry.CANDIDATE_ALIAS,)
-        )
+        return registry.register_model(model_uri, job.register.model_name or job.experiment_name, tags=tags)

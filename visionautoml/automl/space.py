@@ -113,79 +113,13 @@ def _family(model_name: str) -> str:
     return model_name.split("_", 1)[0].rstrip("0123456789")
 
 
-def validate_space(
-    subspaces: list[SubSpace], fixed: TrainingParameters, available_models: list[str] | None = None
-) -> None:
-    """Fail before any trial starts on a name that is no hyperparameter or a value it cannot take.
-
-    Each choice value and each range end is checked against :class:`TrainingParameters`
-    with the fixed parameters around it, so ``optimizer: {values: [sgd, adan]}`` fails now,
-    not in trial 7 an hour from now.
-    """
-    problems: list[str] = []
-    known = set(TrainingParameters.model_fields)
-    base = fixed.model_dump()
-    for index, subspace in enumerate(subspaces):
-        if not subspace:
-            problems.append(f"search_space[{index}]: empty sub-space; give at least one parameter")
-        for name, distribution in subspace.items():
-            where = f"search_space[{index}].{name}"
-            if name not in known:
-                problems.append(f"{where}: not a training parameter (see `training_parameters` names)")
-                continue
-            for value in _probe_values(distribution):
-                try:
-                    TrainingParameters.model_validate({**base, name: value})
-                except ValidationError as error:
-                    problems.append(f"{where}: value {value!r} is invalid: {error.errors()[0]['msg']}")
-                    break
-            if name == "model_name" and available_models is not None and distribution.values:
-                unknown = [value for value in distribution.values if value not in available_models]
-                if unknown:
-                    problems.append(
-                        f"{where}: unknown model(s) {', '.join(map(str, unknown))}; "
-                        f"known: {', '.join(sorted(available_models))}"
-                    )
-    if problems:
-        raise ConfigError("invalid search space:\n  " + "\n  ".join(problems))
-
-
-def _probe_values(distribution: ParameterDistribution) -> list[Any]:
-    """Values that stand for the whole distribution when checking it: choices and range ends."""
-    if distribution.type == "choice":
-        return list(distribution.values or [])
-    if distribution.type in ("uniform", "loguniform", "quniform", "qloguniform"):
-        return [distribution.min_value, distribution.max_value]
-    if distribution.type == "randint":
-        return [distribution.lower or 0, distribution.upper - 1]
-    if distribution.type == "lognormal":
-        return [math.exp(distribution.mu)]
-    return [distribution.mu]
-
-
-def _check_distribution(distribution: ParameterDistribution, where: str) -> None:
-    kind = distribution.type
-    if kind in ("uniform", "loguniform", "quniform", "qloguniform") and not (
-        distribution.min_value < distribution.max_value
-    ):
-        raise ConfigError(f"{where}: min_value must be below max_value")
-    if kind in ("loguniform", "qloguniform") and distribution.min_value <= 0:
-        raise ConfigError(f"{where}: {kind} needs min_value > 0 (it samples the logarithm)")
-    if kind in ("quniform", "qloguniform") and distribution.q <= 0:
-        raise ConfigError(f"{where}: q must be positive")
-    if kind in ("normal", "lognormal") and distribution.sigma <= 0:
-        raise ConfigError(f"{where}: sigma must be positive")
-    if kind == "randint" and distribution.upper <= (distribution.lower or 0):
-        raise ConfigError(f"{where}: upper must be above lower (randint draws from [lower, upper))")
-
-
 def plan_search(subspaces: list[SubSpace], algorithm: str, max_trials: int, seed: int) -> SearchPlan:
-    """Turn sub-spaces into the trials grid/random will run (bayesian asks Optuna as it goes)."""
+    """Turn sub-spaces into the trials grid/random will run (bayesian asks Optuna as it goes).
+
+    The sub-spaces were checked when the config loaded (:func:`~visionautoml.config.search_space_problems`).
+    """
     if not subspaces:
         raise ConfigError("search_space is empty: give at least one sub-space, or remove it")
-    for index, subspace in enumerate(subspaces):
-        for name, distribution in subspace.items():
-            _check_distribution(distribution, f"search_space[{index}].{name}")
     if algorithm == "grid":
         return _plan_grid(subspaces, max_trials)
     if algorithm == "random":

@@ -20,7 +20,7 @@ from ray import tune
 from visionautoml.automl import space
 from visionautoml.automl.schedulers import FINAL_KEY, INTERVAL_KEY
 from visionautoml.config import JobConfig
-from visionautoml.tracking.registry import PRIMARY_METRIC
+from visionautoml.tracking.schema import PRIMARY_METRIC
 
 BEST_KEY = f"best_{PRIMARY_METRIC}"
 TRIAL_RUN_PREFIX = "trial-"

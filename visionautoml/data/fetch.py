@@ -17,45 +17,31 @@ import os
 import re
 import shutil
 import ssl
-import stat
-import tarfile
 import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from pydantic import ByteSize, TypeAdapter, ValidationError
 
+from visionautoml.data.archives import byte_progress, describe, unpack
 from visionautoml.errors import FetchError
 from visionautoml.files import atomic_path, sha256_file
 
 MARKER = ".visionautoml-fetch.json"
 DEFAULT_MAX_SIZE = 10 * 2**30
 DEFAULT_MAX_RATIO = 200.0
-# Below this unpacked size a high compression ratio is harmless (a small text file of zeros).
-RATIO_FLOOR = 16 * 2**20
 TRANSIENT_HTTP_STATUS = {408, 425, 429, 500, 502, 503, 504}
 MAX_BACKOFF_S = 30.0
+DEFAULT_TIMEOUT_S = 30.0
 CHUNK = 1 << 20
-
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2}
-_SIZE_UNITS |= {"mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4}
-_SIZE_UNITS |= {"tib": 1024**4}
+_BYTE_SIZE = TypeAdapter(ByteSize)
 
 
 class _Transient(Exception):
@@ -75,7 +61,7 @@ def fetch(
     max_ratio: float = DEFAULT_MAX_RATIO,
     retries: int = 4,
     backoff_s: float = 0.5,
-    timeout_s: float = 60.0,
+    timeout: float = DEFAULT_TIMEOUT_S,
     force: bool = False,
 ) -> Path:
     """Put the content of ``source`` into ``out_dir`` and return ``out_dir``.
@@ -85,7 +71,15 @@ def fetch(
     before anything is unpacked. ``out_dir`` must be absent, empty or an earlier fetch's
     output, which is replaced whole; when it already holds the same verified content (same
     sha256) nothing is done unless ``force``.
+
+    ``timeout`` is how many seconds to wait for the server, to connect, to answer and for
+    each next piece of data. A server that does not answer at all within it fails the fetch
+    at once (waiting out every retry would hold a CI job for minutes); one that stalls in
+    the middle of a download is retried like a dropped connection. An archive that does not
+    unpack completely (a truncated zip) is an error, never kept as a plain file.
     """
+    if not timeout > 0:
+        raise FetchError(f"timeout must be a positive number of seconds, not {timeout!r}")
     out_dir = Path(out_dir)
     expected = _normalise_sha256(sha256)
     previous = read_marker(out_dir)
@@ -110,7 +104,7 @@ def fetch(
     download = Path(temporary)
     try:
         if kind == "url":
-            digest = _download(location, download, shown, retries, backoff_s, timeout_s)
+            digest = _download(location, download, shown, retries, backoff_s, timeout)
             archive, name = download, _url_file_name(location)
         else:
             archive, name = Path(location), Path(location).name
@@ -129,7 +123,7 @@ def fetch(
         }
         with atomic_path(out_dir, directory=True) as staging:
             staging.chmod(0o755)  # mkdtemp's 0700 would hide the data from other users
-            marker["kind"] = _unpack(archive, name, staging, shown, max_size, max_ratio)
+            marker["kind"] = unpack(archive, name, staging, shown, max_size, max_ratio)
             (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     finally:
         download.unlink(missing_ok=True)
@@ -155,12 +149,13 @@ def redact(source: str) -> str:
 
 
 def parse_size(text: str) -> int:
-    """``10GiB``, ``500MB`` or a plain byte count, for the ``--max-size`` option."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    unit = match and _SIZE_UNITS.get(match.group(2).lower())
-    if not match or unit is None:
-        raise FetchError(f"size '{text}' not understood; write e.g. 10GiB, 500MB or a number of bytes.")
-    return int(float(match.group(1)) * unit)
+    """``10GiB``, ``500MB`` or a plain byte count, for the ``--max-size`` option (pydantic's ByteSize)."""
+    try:
+        return int(_BYTE_SIZE.validate_python(text.strip()))
+    except ValidationError:
+        raise FetchError(
+            f"size '{text}' not understood; write e.g. 10GiB, 500MB or a number of bytes."
+        ) from None
 
 
 def _normalise_sha256(sha256: str | None) -> str | None:
@@ -213,19 +208,6 @@ def _url_file_name(url: str) -> str:
     return name if name and name not in (".", "..") else "download"
 
 
-def _progress() -> Progress:
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not console.is_terminal,
-    )
-
-
 def _request_for(url: str) -> urllib.request.Request:
     """Credentials in the URL become a Basic auth header, so they never travel in a log line.
 
@@ -250,12 +232,12 @@ def _host_and_port(parts: urllib.parse.SplitResult) -> str:
     return f"{host}:{parts.port}" if parts.port else host
 
 
-def _download(url: str, target: Path, shown: str, retries: int, backoff_s: float, timeout_s: float) -> str:
+def _download(url: str, target: Path, shown: str, retries: int, backoff_s: float, timeout: float) -> str:
     """Download with bounded exponential backoff on transient failures; return the sha256."""
     attempts = retries + 1
     for attempt in range(attempts):
         try:
-            return _download_once(url, target, shown, timeout_s)
+            return _download_once(url, target, shown, timeout)
         except _Transient as error:
             if attempt + 1 == attempts:
                 raise FetchError(
@@ -269,14 +251,16 @@ def _download(url: str, target: Path, shown: str, retries: int, backoff_s: float
     raise AssertionError("unreachable")
 
 
-def _download_once(url: str, target: Path, shown: str, timeout_s: float) -> str:
+def _download_once(url: str, target: Path, shown: str, timeout: float) -> str:
     digest = hashlib.sha256()
     received = 0
+    answered = False
     try:
-        with urllib.request.urlopen(_request_for(url), timeout=timeout_s) as response:
+        with urllib.request.urlopen(_request_for(url), timeout=timeout) as response:
+            answered = True
             length = response.headers.get("Content-Length")
             expected = int(length) if length and length.isdigit() else None
-            with target.open("wb") as out, _progress() as progress:
+            with target.open("wb") as out, byte_progress() as progress:
                 task = progress.add_task(f"fetch {_url_file_name(url)}", total=expected)
                 while chunk := response.read(CHUNK):
                     out.write(chunk)
@@ -294,182 +278,38 @@ def _download_once(url: str, target: Path, shown: str, timeout_s: float) -> str:
         ) from None
     except urllib.error.URLError as error:
         reason = error.reason
-        if isinstance(reason, (TimeoutError, ConnectionError, OSError)) and not _is_tls_error(reason):
-            raise _Transient(f"connection failed: {_describe(reason)}") from None
-        raise FetchError(f"{shown}: cannot connect: {_describe(reason)}") from None
-    except (TimeoutError, ConnectionError, HTTPException) as error:
-        raise _Transient(f"connection failed: {_describe(error)}") from None
+        if isinstance(reason, TimeoutError):
+            raise _no_answer(shown, timeout) from None
+        if isinstance(reason, (ConnectionError, OSError)) and not _is_tls_error(reason):
+            raise _Transient(f"connection failed: {describe(reason)}") from None
+        raise FetchError(f"{shown}: cannot connect: {describe(reason)}") from None
+    except TimeoutError:
+        if not answered:
+            raise _no_answer(shown, timeout) from None
+        raise _Transient(f"the server sent nothing for {timeout:g} s") from None
+    except (ConnectionError, HTTPException) as error:
+        raise _Transient(f"connection failed: {describe(error)}") from None
     if expected is not None and received != expected:
         raise _Transient(f"connection closed after {received} of {expected} bytes")
     return digest.hexdigest()
+
+
+def _no_answer(shown: str, timeout: float) -> FetchError:
+    return FetchError(
+        f"{shown}: no answer from the server within {timeout:g} s; check the URL and that the server is "
+        "up, or allow longer with --timeout SECONDS."
+    )
 
 
 def _is_tls_error(error: object) -> bool:
     return isinstance(error, ssl.SSLError)
 
 
-def _describe(error: object) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error) or type(error).__name__
-
-
 def _sha256_of(path: Path, shown: str) -> str:
     try:
         return sha256_file(path, CHUNK)
     except OSError as error:
-        raise FetchError(f"{shown}: cannot read: {_describe(error)}") from None
-
-
-def _unpack(archive: Path, name: str, staging: Path, shown: str, max_size: int, max_ratio: float) -> str:
-    """Unpack ``archive`` into the empty folder ``staging``; return what kind of source it was."""
-    try:
-        if zipfile.is_zipfile(archive):
-            _extract_zip(archive, staging, shown, max_size, max_ratio)
-            return "zip"
-        if tarfile.is_tarfile(archive):
-            _extract_tar(archive, staging, shown, max_size, max_ratio)
-            return "tar"
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, NotImplementedError, RuntimeError) as error:
-        raise FetchError(
-            f"{shown}: damaged or unsupported archive: {error}; re-create or re-download it."
-        ) from None
-    except OSError as error:
-        raise FetchError(f"{shown}: cannot unpack: {_describe(error)}") from None
-    shutil.copyfile(archive, staging / name)
-    return "file"
-
-
-def _entry_path(name: str, shown: str) -> PurePosixPath | None:
-    """The entry's path relative to the target, or a FetchError if it would land outside it."""
-    normalised = name.replace("\\", "/")
-    if normalised.startswith("/") or re.match(r"[A-Za-z]:", normalised):
-        raise FetchError(
-            f"{shown}: entry '{name}' has an absolute path; refusing to unpack an archive that writes "
-            "outside the target folder. Re-create the archive with relative paths."
-        )
-    parts = [part for part in normalised.split("/") if part not in ("", ".")]
-    if ".." in parts:
-        raise FetchError(
-            f"{shown}: entry '{name}' escapes the target folder (contains '..'); refusing to unpack it. "
-            "Re-create the archive with paths inside one folder."
-        )
-    return PurePosixPath(*parts) if parts else None
-
-
-def _refuse_special(shown: str, name: str, what: str) -> FetchError:
-    return FetchError(
-        f"{shown}: entry '{name}' is {what}; refusing to unpack links and special files. "
-        "Re-create the archive with regular files only."
-    )
-
-
-class _Budget:
-    """Counts unpacked bytes as they are written, so a lying header cannot exceed the limits."""
-
-    def __init__(self, shown: str, archive_size: int, max_size: int, max_ratio: float) -> None:
-        self.shown, self.archive_size, self.max_size, self.max_ratio = (
-            shown,
-            archive_size,
-            max_size,
-            max_ratio,
-        )
-        self.total = 0
-
-    def charge(self, count: int, declared: bool = False) -> None:
-        self.total += count
-        what = "declares" if declared else "unpacks to"
-        if self.total > self.max_size:
-            raise FetchError(
-                f"{self.shown}: archive {what} more than {self.max_size:,} bytes (the --max-size limit); "
-                "refusing it as a possible decompression bomb. Raise --max-size if you trust it."
-            )
-        ratio = self.total / max(self.archive_size, 1)
-        if self.total > RATIO_FLOOR and ratio > self.max_ratio:
-            raise FetchError(
-                f"{self.shown}: archive {what} {self.total:,} bytes from {self.archive_size:,} "
-                f"(ratio over {self.max_ratio:g}, the --max-ratio limit); refusing it as a possible "
-                "decompression bomb. Raise --max-ratio if you trust it."
-            )
-
-
-def _copy_stream(
-    source: IO[bytes], target: Path, limit: int | None, budget: _Budget, advance: Callable[[int], None]
-) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
-    with target.open("wb") as out:
-        while chunk := source.read(CHUNK):
-            written += len(chunk)
-            if limit is not None and written > limit:
-                raise FetchError(f"{budget.shown}: entry '{target.name}' is larger than its header says.")
-            budget.charge(len(chunk))
-            out.write(chunk)
-            advance(len(chunk))
-
-
-def _extract_zip(archive: Path, staging: Path, shown: str, max_size: int, max_ratio: float) -> None:
-    with zipfile.ZipFile(archive) as bundle:
-        entries = bundle.infolist()
-        declared = _Budget(shown, archive.stat().st_size, max_size, max_ratio)
-        plan: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
-        for info in entries:
-            relative = _entry_path(info.filename, shown)
-            file_type = stat.S_IFMT(info.external_attr >> 16)
-            if file_type == stat.S_IFLNK:
-                raise _refuse_special(shown, info.filename, "a symbolic link")
-            if file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
-                raise _refuse_special(shown, info.filename, "a device, pipe or socket")
-            if info.flag_bits & 0x1:
-                raise FetchError(
-                    f"{shown}: entry '{info.filename}' is encrypted; unpack the archive yourself."
-                )
-            declared.charge(info.file_size, declared=True)
-            if relative is not None:
-                plan.append((info, relative))
-        budget = _Budget(shown, archive.stat().st_size, max_size, max_ratio)
-        with _progress() as progress:
-            task = progress.add_task(f"unpack {archive.name}", total=declared.total)
-            for info, relative in plan:
-                if info.is_dir():
-                    (staging / relative).mkdir(parents=True, exist_ok=True)
-                    continue
-                with bundle.open(info) as stream:
-                    _copy_stream(
-                        stream,
-                        staging / relative,
-                        info.file_size,
-                        budget,
-                        lambda n: progress.advance(task, n),
-                    )
-
-
-def _extract_tar(archive: Path, staging: Path, shown: str, max_size: int, max_ratio: float) -> None:
-    """Stream the members in one pass: listing a compressed tar first would decompress a bomb twice."""
-    budget = _Budget(shown, archive.stat().st_size, max_size, max_ratio)
-    with tarfile.open(archive, "r:*") as bundle, _progress() as progress:
-        task = progress.add_task(f"unpack {archive.name}", total=None)
-        for member in bundle:
-            relative = _entry_path(member.name, shown)
-            if member.issym():
-                raise _refuse_special(shown, member.name, "a symbolic link")
-            if member.islnk():
-                raise _refuse_special(shown, member.name, "a hard link")
-            if member.isdir():
-                if relative is not None:
-                    (staging / relative).mkdir(parents=True, exist_ok=True)
-                continue
-            if not member.isfile():
-                raise _refuse_special(shown, member.name, "a device, pipe or socket")
-            if relative is None:
-                continue
-            stream = bundle.extractfile(member)
-            if stream is None:
-                raise _refuse_special(shown, member.name, "not a regular file")
-            with stream:
-                _copy_stream(
-                    stream, staging / relative, member.size, budget, lambda n: progress.advance(task, n)
-                )
+        raise FetchError(f"{shown}: cannot read: {describe(error)}") from None
 
 
 def _copy_folder_into(folder: Path, out_dir: Path, shown: str) -> None:
@@ -487,7 +327,7 @@ def _copy_folder_into(folder: Path, out_dir: Path, shown: str) -> None:
             try:
                 shutil.copyfile(source, target)
             except OSError as error:
-                raise FetchError(f"{source}: cannot copy: {_describe(error)}") from None
+                raise FetchError(f"{source}: cannot copy: {describe(error)}") from None
         (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 

@@ -21,7 +21,22 @@ def split_every_nth(dataset: Dataset, n: int) -> tuple[Dataset, Dataset]:
     images = dataset.sorted().images
     train = [image for index, image in enumerate(images) if index % n]
     validation = [image for index, image in enumerate(images) if not index % n]
+    _check_both_sides(
+        len(train), len(validation), f"every {n}th image to validation (--validation-every {n})"
+    )
     return Dataset(train, list(dataset.classes)), Dataset(validation, list(dataset.classes))
+
+
+def _check_both_sides(train: int, validation: int, how: str) -> None:
+    """A split with an empty side would train on nothing or measure nothing, silently: refuse it."""
+    if train and validation:
+        return
+    total = train + validation
+    side = "training" if not train else "validation"
+    raise DataError(
+        f"{total} image(s) with {how} leave no {side} images; add images, or skip the split and give "
+        "validation data separately (training then holds out validation_data_size itself)"
+    )
 
 
 def split_fraction(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -30,7 +45,8 @@ def split_fraction(dataset: Dataset, fraction: float, seed: int) -> tuple[Datase
     Each image is grouped by its rarest class (the class with the fewest images), so a
     rare class gets its share of validation images instead of all landing on one side.
     Group quotas are rounded by largest remainder so the total is ``round(fraction * N)``,
-    and both sides keep at least one image when there are two or more.
+    and both sides keep at least one image when there are two or more; a single image
+    cannot be split (DataError).
     """
     if not 0 < fraction < 1:
         raise DataError(f"--validation-fraction must be between 0 and 1 (got {fraction})")
@@ -54,6 +70,7 @@ def split_fraction(dataset: Dataset, fraction: float, seed: int) -> tuple[Datase
         validation_names.update(image.name for image in members[: counts[key]])
     train = [image for image in images if image.name not in validation_names]
     validation = [image for image in images if image.name in validation_names]
+    _check_both_sides(len(train), len(validation), f"a validation fraction of {fraction:g}")
     return Dataset(train, list(dataset.classes)), Dataset(validation, list(dataset.classes))
 
 

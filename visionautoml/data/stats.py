@@ -16,11 +16,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
 from rich.table import Table
 
 from visionautoml.data.annotations import Dataset, ImageRecord
+from visionautoml.data.images import preview_image
+from visionautoml.errors import DataError
 from visionautoml.files import atomic_path
+
+SAMPLE_SIDE = 320
+"""Longest side of a sample image in the plot, in pixels."""
 
 # COCO's object-size buckets, by box area in pixels.
 COCO_SMALL_AREA = 32**2
@@ -171,15 +175,12 @@ def plot_stats(dataset: Dataset, stats: DatasetStats, target: str | Path, sample
         axes.set_axis_off()
         axes.set_title(image.name, fontsize=8)
         try:
-            with Image.open(image.path) as opened:
-                picture = ImageOps.exif_transpose(opened).convert("RGB")
-        except OSError:
-            axes.text(0.5, 0.5, "image unreadable", ha="center", va="center", transform=axes.transAxes)
+            picture = preview_image(image.path, SAMPLE_SIDE)
+        except DataError as error:
+            reason = "too large" if "refused" in str(error) else "unreadable"
+            axes.text(0.5, 0.5, f"image {reason}", ha="center", va="center", transform=axes.transAxes)
             continue
-        scale = min(1.0, 320 / max(picture.size))
-        picture = picture.resize(
-            (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
-        )
+        scale = picture.width / max(image.width, 1)
         axes.imshow(picture)
         for box in image.boxes:
             colour = colours.get(box.label, "red")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from visionautoml.data.annotations import Box, Dataset, ImageRecord
-from visionautoml.data.formats import detect_format, read_dataset
+from visionautoml.data.formats import detect_format, read_dataset, without_skipped
 from visionautoml.data.formats._common import checked_box, location
 from visionautoml.data.images import CheckedImage, check_image, format_name_for_suffix
 from visionautoml.data.problems import ProblemLog
@@ -46,6 +46,7 @@ class ValidationReport:
                 "classes": self.dataset.classes,
                 "errors": len(self.problems.errors),
                 "warnings": len(self.problems.warnings),
+                "summary": self.problems.summary(),
                 "problems": [asdict(problem) for problem in self.problems.problems],
             },
             indent=2,
@@ -58,12 +59,27 @@ def validate_dataset(
     *,
     classes: list[str] | None = None,
     datastore_root: Path | None = None,
+    image_root: Path | None = None,
+    drop_invalid: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> ValidationReport:
-    """Read the dataset and check every image; the report's dataset holds only usable images."""
+    """Read the dataset and check every image; the report's dataset holds only usable images.
+
+    With ``drop_invalid`` the images with errors are left out with a warning each (what
+    ``convert``/``register``/training with ``drop_invalid`` would skip), so the report
+    fails only on errors of the dataset as a whole.
+    """
     fmt = detect_format(path) if format == "auto" else format
     problems = ProblemLog()
-    dataset = read_dataset(path, fmt, problems=problems, classes=classes, datastore_root=datastore_root)
+    dataset = read_dataset(
+        path,
+        fmt,
+        problems=problems,
+        classes=classes,
+        datastore_root=datastore_root,
+        image_root=image_root,
+        drop_invalid=drop_invalid,
+    )
     images = sorted(dataset.images, key=lambda image: image.name)
     seen: dict[str, ImageRecord] = {}
     usable: list[ImageRecord] = []
@@ -72,14 +88,17 @@ def validate_dataset(
             usable.append(image)
         if progress is not None:
             progress(done, len(images))
-    return ValidationReport(str(path), fmt, Dataset(usable, dataset.classes), problems)
+    checked = Dataset(usable, dataset.classes)
+    if drop_invalid:
+        checked = without_skipped(checked, problems)
+    return ValidationReport(str(path), fmt, checked, problems)
 
 
 def _check(image: ImageRecord, fmt: str, seen: dict[str, ImageRecord], problems: ProblemLog) -> bool:
     try:
         checked = check_image(image.path)
     except DataError as error:
-        problems.error(image.path, str(error).removeprefix(f"{image.path}: "))
+        problems.error(image.path, str(error).removeprefix(f"{image.path}: "), record=image.path)
         return False
     info = checked.info
     expected = format_name_for_suffix(image.name)
@@ -133,6 +152,7 @@ def _real_size_wins(image: ImageRecord, checked: CheckedImage, fmt: str, problem
             "boxes were probably drawn on another version of the image: fix the size or re-annotate",
             line=line,
             field="size",
+            record=image.path,
         )
     image.width, image.height = info.width, info.height
     kept: list[Box] = []
@@ -140,7 +160,16 @@ def _real_size_wins(image: ImageRecord, checked: CheckedImage, fmt: str, problem
         coordinates = (box.xmin, box.ymin, box.xmax, box.ymax)
         field = f"box[{index}]"
         rechecked = checked_box(
-            problems, file, field, coordinates, box.label, box.iscrowd, image.width, image.height, line=line
+            problems,
+            file,
+            field,
+            coordinates,
+            box.label,
+            box.iscrowd,
+            image.width,
+            image.height,
+            line=line,
+            record=image.path,
         )
         if rechecked is not None:
             kept.append(rechecked)

@@ -2,7 +2,10 @@
 
 A version is a folder ``<store>/<NAME>/<VERSION>/`` holding the AutoML JSONL
 (``annotations.jsonl``, image URLs relative: ``images/...``), a copy of every image and
-``version.json`` (digest, counts, classes, created, source). Registering is get-or-create:
+``version.json`` (digest, counts, classes, created, source, and the repairs reading made:
+boxes clipped or dropped, images skipped under ``drop_invalid``). Every image is checked to
+be a complete image file before anything is copied, and a copy is never readable by more
+users than the original and the umask allow. Registering is get-or-create:
 the digest covers the images' bytes and the canonical annotations, not where they came
 from, so registering the same content again (from another folder, or as VOC instead of the
 JSONL converted from it) returns the existing version and copies nothing.
@@ -37,7 +40,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from visionautoml.data.annotations import Dataset, ImageRecord
-from visionautoml.data.formats import read_dataset, write_dataset
+from visionautoml.data.formats import read_dataset, without_skipped, write_dataset
+from visionautoml.data.images import verify_image_file
+from visionautoml.data.problems import ProblemLog
 from visionautoml.errors import DataError
 from visionautoml.files import sha256_file
 
@@ -63,6 +68,8 @@ class DatasetVersion:
     box_count: int
     created: str = ""
     source: str = ""
+    repairs: dict[str, int] = field(default_factory=dict)
+    """Counts of what reading repaired: ``clipped_boxes``, ``dropped_boxes``, ``skipped_images``."""
     reused: bool = field(default=False, compare=False)
 
     @property
@@ -146,20 +153,60 @@ class DatasetStore:
         self.local = isinstance(self.fs, LocalFileSystem)
 
     def register(
-        self, path: str | Path, name: str, *, format: str = "auto", datastore_root: Path | None = None
+        self,
+        path: str | Path,
+        name: str,
+        *,
+        format: str = "auto",
+        datastore_root: Path | None = None,
+        image_root: Path | None = None,
+        drop_invalid: bool = False,
     ) -> DatasetVersion:
         """Get-or-create the version of ``name`` holding the dataset at ``path`` (folder or JSONL).
 
-        ``datastore_root`` is where ``AmlDatastore://`` image URLs of a cloud JSONL live locally.
+        ``datastore_root`` is where ``AmlDatastore://`` image URLs of a cloud JSONL live locally;
+        ``image_root`` a folder outside the annotation file's that its image paths may name.
+        With ``drop_invalid`` images with errors are left out (and counted) instead of failing.
         """
         _check_name(name)
         source = str(Path(path).expanduser().resolve())
-        dataset = read_dataset(path, format, datastore_root=datastore_root)
-        return self.register_dataset(dataset, name, source=source)
+        problems = ProblemLog()
+        dataset = read_dataset(
+            path,
+            format,
+            problems=problems,
+            datastore_root=datastore_root,
+            image_root=image_root,
+            drop_invalid=drop_invalid,
+        )
+        return self.register_dataset(
+            dataset, name, source=source, problems=problems, drop_invalid=drop_invalid
+        )
 
-    def register_dataset(self, dataset: Dataset, name: str, *, source: str = "") -> DatasetVersion:
-        """Get-or-create the version of ``name`` holding ``dataset`` (already read, e.g. just converted)."""
+    def register_dataset(
+        self,
+        dataset: Dataset,
+        name: str,
+        *,
+        source: str = "",
+        problems: ProblemLog | None = None,
+        drop_invalid: bool = False,
+    ) -> DatasetVersion:
+        """Get-or-create the version of ``name`` holding ``dataset`` (already read, e.g. just converted).
+
+        ``problems`` is the log the dataset was read with: its errors refuse the dataset and
+        its repairs are recorded with the version. Every image is verified first.
+        """
         _check_name(name)
+        log = problems if problems is not None else ProblemLog()
+        for image in dataset.images:
+            try:
+                verify_image_file(image.path)
+            except DataError as error:
+                log.error(image.path, str(error).removeprefix(f"{image.path}: "), record=image.path)
+        if drop_invalid:
+            dataset = without_skipped(dataset, log)
+        log.raise_if_errors(f"cannot register {source or name}")
         if not dataset.images:
             raise DataError(f"{source or name}: no annotated images; nothing to register.")
         dataset = dataset.sorted()
@@ -170,8 +217,10 @@ class DatasetStore:
         if existing is not None:
             return existing
 
+        summary = log.summary()
+        repairs = {key: summary[key] for key in ("clipped_boxes", "dropped_boxes", "skipped_images")}
         try:
-            return self._create(dataset, name, digest, hashes, source)
+            return self._create(dataset, name, digest, hashes, source, repairs)
         except OSError as error:
             raise DataError(
                 f"cannot write dataset '{name}' to the store {self.url}: {error.strerror or error}; "
@@ -179,7 +228,13 @@ class DatasetStore:
             ) from None
 
     def _create(
-        self, dataset: Dataset, name: str, digest: str, hashes: dict[str, str], source: str
+        self,
+        dataset: Dataset,
+        name: str,
+        digest: str,
+        hashes: dict[str, str],
+        source: str,
+        repairs: dict[str, int],
     ) -> DatasetVersion:
         """Stage a copy, then publish it under the lock; a concurrent twin returns the winner's version."""
         if self.local:
@@ -188,7 +243,7 @@ class DatasetStore:
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=staging_parent))
         else:
             staging = Path(tempfile.mkdtemp(prefix="visionautoml-version-"))
-        staging.chmod(0o755)  # mkdtemp's 0700 would make the published version private
+        staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the published version private
         try:
             _stage(dataset, hashes, staging)
             with self._lock(name):
@@ -205,6 +260,7 @@ class DatasetStore:
                     "box_count": dataset.box_count,
                     "created": datetime.now(UTC).isoformat(timespec="seconds"),
                     "source": source,
+                    "repairs": repairs,
                 }
                 (staging / VERSION_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
                 self._publish(staging, name, version)
@@ -272,6 +328,7 @@ class DatasetStore:
                 box_count=int(info["box_count"]),
                 created=str(info.get("created", "")),
                 source=str(info.get("source", "")),
+                repairs={str(key): int(value) for key, value in dict(info.get("repairs") or {}).items()},
             )
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise DataError(
@@ -370,17 +427,31 @@ def _hash_images(images: list[ImageRecord]) -> dict[str, str]:
     return hashes
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _stage(dataset: Dataset, hashes: dict[str, str], staging: Path) -> None:
-    """Copy the images and write the JSONL, checking each copy against the hash the digest used."""
+    """Copy the images and write the JSONL, checking each copy against the hash the digest used.
+
+    A copy gets the original's permissions less the umask: registering must not make a
+    file other users could not read readable to them.
+    """
+    umask = _umask()
     with _progress() as progress:
         for image in progress.track(dataset.images, description="copy images"):
             target = staging / IMAGES_DIR / image.name
             target.parent.mkdir(parents=True, exist_ok=True)
             digest = hashlib.sha256()
-            with image.path.open("rb") as source, target.open("wb") as out:
-                while chunk := source.read(_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
+            with image.path.open("rb") as source:
+                mode = os.fstat(source.fileno()).st_mode & 0o666 & ~umask
+                descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+                with os.fdopen(descriptor, "wb") as out:
+                    while chunk := source.read(_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
             if digest.hexdigest() != hashes[image.name]:
                 raise DataError(
                     f"{image.path}: the image changed while it was being registered; register again."

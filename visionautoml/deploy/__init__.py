@@ -3,5 +3,5 @@
 ``runtime`` loads a model for inference (its ONNX export when there is one, else PyTorch),
 ``export`` writes and checks the export, ``predict`` scores folders of images and ``serve``
 answers HTTP requests in the cloud service's format. The MLflow pyfunc, a second way to serve,
-lives with the model code in :mod:`visionautoml.models.pyfunc`.
+lives with the tracking code in :mod:`visionautoml.tracking.pyfunc`.
 """

@@ -6,7 +6,7 @@ box decoding, NMS and scaling the boxes back to the input size. The dynamo expor
 on their ``batched_nms``. The graph takes one float CHW image in [0, 1] of any height and
 width; the runtime loops over a batch, as the PyTorch model does inside.
 
-The graph is exported with a low score threshold (:data:`GRAPH_SCORE_THRESHOLD`) and the
+The graph is exported with a low score threshold (:data:`RAW_SCORE_THRESHOLD`) and the
 model's own threshold is applied by the runtime from ``settings.json``. NMS is greedy by
 score, so every box above the model's threshold survives exactly as it would in PyTorch;
 meanwhile the parity check sees the model's top detections even on images where none
@@ -32,9 +32,9 @@ import torch
 import torchvision.ops.poolers
 from torch import nn
 
+from visionautoml.data.images import decode_image_file
 from visionautoml.deploy.predict import collect_images
 from visionautoml.deploy.runtime import (
-    EXPORT_SUBDIR,
     LABELS_FILE,
     ONNX_FILE,
     PARITY_FILE,
@@ -42,22 +42,18 @@ from visionautoml.deploy.runtime import (
     ExportSettings,
     make_session,
     quiet_downloads,
-    registry_version,
 )
-from visionautoml.errors import DataError, TrackingError, VisionAutoMLError
+from visionautoml.errors import DataError, TrackingError, VisionAutoMLError, first_line
 from visionautoml.files import atomic_path, atomic_write_text
-from visionautoml.models.imageio import decode_image_file
 from visionautoml.models.saved import load_model
-from visionautoml.models.zoo import score_threshold, score_threshold_at_most
+from visionautoml.models.zoo import RAW_SCORE_THRESHOLD, score_threshold, score_threshold_at_most
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
-GRAPH_SCORE_THRESHOLD = 0.01
 PARITY_TOLERANCE_PX = 0.01
 PARITY_TOP_K = 10
 PARITY_IMAGES = 4
-VALIDATION_PATH_TAG = "dataset.validation.path"
 # Scores of matching detections differ by float rounding only; a larger gap means another box.
 _SCORE_TOLERANCE = 1e-4
 
@@ -141,7 +137,7 @@ def export_detector(detector: nn.Module, path: Path, sample: torch.Tensor, *, mo
             )
     except Exception as error:
         raise ExportError(
-            f"{model_name} does not export to ONNX ({type(error).__name__}: {_first_line(error)}). "
+            f"{model_name} does not export to ONNX ({type(error).__name__}: {first_line(error)}). "
             "Serve or predict with PyTorch instead: `visionautoml serve MODEL` uses PyTorch when no "
             "export exists"
         ) from None
@@ -220,12 +216,12 @@ def export_saved_model(
     """Export, check parity and write the export folder; nothing is written unless parity passes.
 
     ``settings`` carry the model's own thresholds; the graph gets the lower
-    :data:`GRAPH_SCORE_THRESHOLD` (see the module docstring). ``detector`` is left as it was.
+    :data:`RAW_SCORE_THRESHOLD` (see the module docstring). ``detector`` is left as it was.
     """
     if not images:
         raise DataError("the parity check needs at least one sample image")
     out_dir = Path(out_dir)
-    graph_threshold = min(GRAPH_SCORE_THRESHOLD, settings.box_score_threshold)
+    graph_threshold = min(RAW_SCORE_THRESHOLD, settings.thresholds.box_score_threshold)
     with score_threshold_at_most(detector, graph_threshold), atomic_path(out_dir, directory=True) as folder:
         sample = images[0].float() / 255.0
         outputs = export_detector(detector, folder / ONNX_FILE, sample, model_name=settings.model_name)
@@ -239,7 +235,7 @@ def export_saved_model(
             outputs,
             images,
             sample_source=sample_source,
-            min_score=settings.box_score_threshold,
+            min_score=settings.thresholds.box_score_threshold,
             tolerance_px=tolerance_px,
         )
         atomic_write_text(folder / PARITY_FILE, json.dumps(parity.to_dict(), indent=2) + "\n")
@@ -276,15 +272,18 @@ def export_model(
     recorded as tags on the logged model and the registry version; ``attach`` also
     uploads the export into the model's artifacts, where serving and prediction find it.
     """
-    from visionautoml.tracking.models import resolve_model
+    from visionautoml.tracking.workspace import current_tracking_uri, use_tracking_uri
 
     quiet_downloads()
-    if _is_tracked(model):
-        import mlflow
+    with use_tracking_uri(current_tracking_uri()):
+        return _export_model(model, out_dir, images=images, attach=attach, tolerance_px=tolerance_px)
 
-        from visionautoml.tracking.workspace import current_tracking_uri
 
-        mlflow.set_tracking_uri(current_tracking_uri())
+def _export_model(
+    model: str, out_dir: str | Path, *, images: Sequence[str | Path], attach: bool, tolerance_px: float
+) -> ExportResult:
+    from visionautoml.tracking.models import resolve_model
+
     detector, spec = load_model(resolve_model(model))
     samples, sample_source = sample_images(model, images)
     result = export_saved_model(
@@ -330,18 +329,11 @@ def _is_tracked(model: str) -> bool:
 
 def _validation_images(model: str) -> list[Path]:
     """Images of the dataset the model's run validated on (its ``dataset.validation.path`` tag)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     from visionautoml.data.formats import read_dataset
-    from visionautoml.tracking.workspace import current_tracking_uri
+    from visionautoml.tracking.models import model_run_tags
+    from visionautoml.tracking.schema import Tag
 
-    try:
-        run_id = mlflow.models.get_model_info(model).run_id
-        tags = mlflow.MlflowClient(current_tracking_uri()).get_run(run_id).data.tags if run_id else {}
-    except (MlflowException, OSError):
-        return []
-    recorded = tags.get(VALIDATION_PATH_TAG, "")
+    recorded = model_run_tags(model).get(Tag.dataset("validation", "path"), "")
     # A split-off validation set is recorded as "PATH (validation_data_size F)": its images are in PATH.
     path = Path(recorded.split(" (validation_data_size", 1)[0])
     if not recorded or not path.exists():
@@ -355,50 +347,21 @@ def _validation_images(model: str) -> list[Path]:
 
 def _record(model: str, result: ExportResult, *, attach: bool) -> list[str]:
     """Tag the logged model and the registry version with the parity result; optionally upload the export."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from visionautoml.models.pyfunc import ARTIFACT_KEY
-    from visionautoml.tracking.workspace import current_tracking_uri
+    from visionautoml.tracking.models import record_export
+    from visionautoml.tracking.schema import Tag
 
     parity = result.parity
     tags = {
-        "onnx.parity": "passed" if parity.passed else "failed",
-        "onnx.parity.max_box_diff_px": f"{parity.max_box_diff_px:.6g}",
-        "onnx.parity.compared": str(parity.compared),
-        "onnx.parity.images": f"{parity.images} {parity.sample_source}",
+        Tag.ONNX_PARITY: "passed" if parity.passed else "failed",
+        f"{Tag.ONNX_PARITY}.max_box_diff_px": f"{parity.max_box_diff_px:.6g}",
+        f"{Tag.ONNX_PARITY}.compared": str(parity.compared),
+        f"{Tag.ONNX_PARITY}.images": f"{parity.images} {parity.sample_source}",
         "onnx.opset": str(result.settings.opset),
     }
-    client = mlflow.MlflowClient(current_tracking_uri())
-    recorded = []
     try:
-        info = mlflow.models.get_model_info(model)
-        if info.model_id:
-            client.set_logged_model_tags(info.model_id, tags)
-            recorded.append(f"parity tags on logged model {info.model_id}")
-        registered = registry_version(model)
-        if registered is not None:
-            for key, value in tags.items():
-                client.set_model_version_tag(registered[0], registered[1], key, value)
-            recorded.append(f"parity tags on model {registered[0]} version {registered[1]}")
-        if attach:
-            saved = (info.flavors.get("python_function", {}).get("artifacts") or {}).get(ARTIFACT_KEY, {})
-            if not info.model_id or "path" not in saved:
-                raise ExportError(
-                    f"{model}: not a visionautoml pyfunc model, so the export cannot be attached"
-                )
-            client.log_model_artifacts(
-                info.model_id, str(result.directory), f"{saved['path']}/{EXPORT_SUBDIR}"
-            )
-            recorded.append(
-                f"export attached to logged model {info.model_id} as {saved['path']}/{EXPORT_SUBDIR}"
-            )
-    except MlflowException as error:
-        raise TrackingError(
-            f"{model}: exported to {result.directory}, but recording it in MLflow failed: "
-            f"{_first_line(error)}"
-        ) from None
-    return recorded
+        return record_export(model, tags, result.directory if attach else None)
+    except TrackingError as error:
+        raise TrackingError(f"exported to {result.directory}, but: {error}") from None
 
 
 def _merge_levels_by_gather(levels: torch.Tensor, unmerged_results: list[torch.Tensor]) -> torch.Tensor:
@@ -447,8 +410,3 @@ def _quiet_exporter() -> Iterator[None]:
             os.dup2(original, fd)
             os.close(original)
         logger.setLevel(level)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__

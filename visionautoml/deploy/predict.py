@@ -19,14 +19,15 @@ from typing import Literal
 import torch
 from PIL import Image
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from torchvision.utils import draw_bounding_boxes
 
+from visionautoml.data.images import decode_image_file
 from visionautoml.deploy.runtime import LoadedModel
 from visionautoml.errors import DataError
 from visionautoml.files import atomic_path, atomic_write_bytes, atomic_write_text
-from visionautoml.models.imageio import decode_image_file
 from visionautoml.models.predictor import Detections, automl_boxes
+from visionautoml.progress import progress_bar
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 OutputFormat = Literal["jsonl", "csv"]
@@ -160,11 +161,4 @@ def _draw(pixels: torch.Tensor, detections: Detections, target: Path) -> None:
 
 
 def _progress(console: Console | None) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console or Console(stderr=True),
-        transient=True,
-    )
+    return progress_bar(console, eta=True)

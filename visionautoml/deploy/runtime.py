@@ -19,16 +19,16 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from visionautoml.errors import DataError, TrackingError
+from visionautoml.config import Thresholds
+from visionautoml.errors import DataError, first_line
 from visionautoml.models.predictor import Detections, Predictor
-from visionautoml.models.saved import ModelSpec
+from visionautoml.models.saved import ModelSpec, upgrade_thresholds
+from visionautoml.tracking.models import EXPORT_SUBDIR
 
 ONNX_FILE = "model.onnx"
 LABELS_FILE = "labels.json"
 SETTINGS_FILE = "settings.json"
 PARITY_FILE = "parity.json"
-EXPORT_SUBDIR = "onnx"
-"""Where an export attached to a saved model lives, inside the saved-model folder."""
 
 Backend = Literal["auto", "onnx", "pytorch"]
 
@@ -38,12 +38,10 @@ class ExportSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True)
 
-    format_version: int = 1
+    format_version: int = 2
     model_name: str
     labels: Annotated[list[str], Field(min_length=1)]
-    box_score_threshold: Annotated[float, Field(ge=0, le=1)]
-    nms_iou_threshold: Annotated[float, Field(ge=0, le=1)]
-    box_detections_per_image: Annotated[int, Field(ge=1)]
+    thresholds: Thresholds
     graph_score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.0
     input_name: str = "image"
     outputs: list[str] = ["boxes", "scores", "labels"]
@@ -51,13 +49,7 @@ class ExportSettings(BaseModel):
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> ExportSettings:
-        return cls(
-            model_name=spec.model_name,
-            labels=list(spec.labels),
-            box_score_threshold=spec.box_score_threshold,
-            nms_iou_threshold=spec.nms_iou_threshold,
-            box_detections_per_image=spec.box_detections_per_image,
-        )
+        return cls(model_name=spec.model_name, labels=list(spec.labels), thresholds=spec.thresholds)
 
     def with_graph(self, *, outputs: list[str], opset: int, graph_score_threshold: float) -> ExportSettings:
         return self.model_copy(
@@ -71,14 +63,15 @@ class ExportSettings(BaseModel):
     def read(cls, directory: Path) -> ExportSettings:
         path = directory / SETTINGS_FILE
         try:
-            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+            return cls.model_validate(upgrade_thresholds(json.loads(path.read_text(encoding="utf-8"))))
         except FileNotFoundError:
             raise DataError(
                 f"{path}: missing; {directory} is not an ONNX export (run `visionautoml export`)"
             ) from None
         except (OSError, ValueError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise DataError(f"{path}: unreadable or invalid ({first}); export the model again") from None
+            raise DataError(
+                f"{path}: unreadable or invalid ({first_line(error)}); export the model again"
+            ) from None
 
 
 def is_export(directory: Path) -> bool:
@@ -115,7 +108,7 @@ class OnnxPredictor:
     """:class:`~visionautoml.models.predictor.Predictor`'s interface on an ONNX export.
 
     ``spec`` is the export's settings, which carry the same ``model_name``, ``labels`` and
-    threshold fields as a ModelSpec.
+    ``thresholds`` as a ModelSpec.
     """
 
     def __init__(self, directory: str | Path, *, intra_op_threads: int | None = None) -> None:
@@ -136,7 +129,7 @@ class OnnxPredictor:
         output = dict(zip(self.spec.outputs, raw, strict=True))
         scores = output["scores"].astype(np.float32)
         ids = output["labels"].astype(np.int64)
-        keep = (scores > self.spec.box_score_threshold) & (ids >= 1) & (ids <= len(self.spec.labels))
+        keep = self.spec.thresholds.keep(scores) & (ids >= 1) & (ids <= len(self.spec.labels))
         order = np.argsort(-scores[keep], kind="stable")
         return Detections(
             boxes=torch.from_numpy(output["boxes"].astype(np.float32)[keep][order]),
@@ -188,11 +181,7 @@ class LoadedModel:
             "source": self.location.source,
             "backend": self.location.backend,
             "labels": list(spec.labels),
-            "thresholds": {
-                "box_score_threshold": spec.box_score_threshold,
-                "nms_iou_threshold": spec.nms_iou_threshold,
-                "box_detections_per_image": spec.box_detections_per_image,
-            },
+            "thresholds": spec.thresholds.model_dump(),
         }
 
 
@@ -206,12 +195,15 @@ def locate_model(
     model's ``onnx/`` subfolder (where ``visionautoml export --attach`` puts it). URIs are looked
     up in ``tracking_uri``, else the store the process is connected to.
     """
-    from visionautoml.tracking.auth import server_name
+    from visionautoml.redact import strip_userinfo
     from visionautoml.tracking.models import resolve_model
+    from visionautoml.tracking.registry import registry_reference
+    from visionautoml.tracking.workspace import current_tracking_uri, use_tracking_uri
 
     quiet_downloads()
-    source = server_name(model)
-    registered = registry_version(model, tracking_uri=tracking_uri) or (None, None)
+    source = strip_userinfo(model)
+    with use_tracking_uri(tracking_uri or current_tracking_uri()):
+        registered = registry_reference(model) or (None, None)
     is_uri = "://" in model or model.startswith(("runs:", "models:"))
     export_dir = Path(onnx).expanduser() if onnx is not None else None
     if export_dir is not None and not is_export(export_dir):
@@ -255,30 +247,3 @@ def load_for_inference(
 def quiet_downloads() -> None:
     """MLflow draws a progress bar per download, which floods a server's log; the user can still opt in."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-def registry_version(uri: str, *, tracking_uri: str | None = None) -> tuple[str, str] | None:
-    """(name, version) of a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI, else None."""
-    reference = uri.removeprefix("models:/").strip("/") if uri.startswith("models:/") else ""
-    name, alias = reference.split("@", 1) if "@" in reference else (reference, "")
-    if not alias:
-        name, _, version = reference.partition("/")
-        return (name, version) if version.isdigit() else None
-
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from visionautoml.tracking.workspace import current_tracking_uri
-
-    client = MlflowClient(tracking_uri or current_tracking_uri())
-    try:
-        return name, str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException as error:
-        raise TrackingError(
-            f"{uri}: no version of model '{name}' has alias '{alias}' ({_first_line(error.message)}); "
-            "`visionautoml models list` shows the aliases"
-        ) from None
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else "unknown error"

@@ -39,9 +39,10 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
+from visionautoml.config import Thresholds
+from visionautoml.data.images import decode_image_bytes
 from visionautoml.deploy.runtime import LoadedModel, ModelLocation, default_threads, load_located
 from visionautoml.errors import DataError
-from visionautoml.models.imageio import decode_image_bytes
 from visionautoml.models.predictor import automl_boxes
 
 log = logging.getLogger(__name__)
@@ -88,12 +89,6 @@ class ImageResult(BaseModel):
 
 class ErrorMessage(BaseModel):
     detail: str
-
-
-class Thresholds(BaseModel):
-    box_score_threshold: float
-    nms_iou_threshold: float
-    box_detections_per_image: int
 
 
 class Metadata(BaseModel):

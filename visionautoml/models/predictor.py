@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from visionautoml.models.saved import ModelSpec, load_model
+from visionautoml.models.zoo import RAW_SCORE_THRESHOLD, set_score_threshold
 
 BOX_DECIMALS = 4
 """Normalised coordinates keep 4 decimals: a tenth of a pixel on a 1000-pixel image."""
@@ -34,10 +35,16 @@ class Detections:
 
 
 class Predictor:
-    """A detector in eval mode with its labels; ``predict`` takes uint8 CHW RGB tensors."""
+    """A detector in eval mode with its labels; ``predict`` takes uint8 CHW RGB tensors.
+
+    The module runs at :data:`RAW_SCORE_THRESHOLD`, as the ONNX graph does, and the spec's
+    :class:`~visionautoml.config.Thresholds` pick what is reported, so both backends apply one
+    rule to the same detections.
+    """
 
     def __init__(self, module: nn.Module, spec: ModelSpec, *, batch_size: int = 4) -> None:
         self.module = module.eval()
+        set_score_threshold(self.module, min(RAW_SCORE_THRESHOLD, spec.thresholds.box_score_threshold))
         self.spec = spec
         self.batch_size = batch_size
         self.device = next(module.parameters()).device
@@ -65,7 +72,9 @@ class Predictor:
     def _detections(self, output: dict[str, torch.Tensor]) -> Detections:
         ids = output["labels"].cpu()
         # Label 0 is background; a detector never predicts it, but a corrupt head must not crash serving.
-        known = (ids >= 1) & (ids <= len(self.spec.labels))
+        known = (
+            self.spec.thresholds.keep(output["scores"].cpu()) & (ids >= 1) & (ids <= len(self.spec.labels))
+        )
         order = torch.argsort(output["scores"].cpu()[known], descending=True)
         return Detections(
             boxes=output["boxes"].cpu().float()[known][order],

@@ -4,7 +4,7 @@
 
     model/
       weights.pt   state dict (tensors only, read with torch.load(weights_only=True))
-      model.json   ModelSpec: zoo name, labels, input size, inference thresholds
+      model.json   ModelSpec: zoo name, labels, input size, inference thresholds (and tiling)
       labels.json  the class names in label order (label i+1 = labels[i]), for other tools
 
 The spec names a zoo entry, so loading rebuilds the exact architecture from code of this
@@ -16,19 +16,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from visionautoml.config import TrainingParameters
+from visionautoml.config import Thresholds, TrainingParameters
 from visionautoml.errors import DataError
 from visionautoml.files import atomic_path
 from visionautoml.models.weights import read_state_dict
 from visionautoml.models.zoo import ZOO, InputSize, build_model, get_entry
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the thresholds are one ``thresholds`` object; version 1 files (flat fields) are read too."""
 WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "model.json"
 LABELS_FILE = "labels.json"
@@ -46,9 +47,7 @@ class ModelSpec(BaseModel):
     min_size: int | None = None
     max_size: int | None = None
     image_size: int | None = None
-    box_score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.3
-    nms_iou_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
-    box_detections_per_image: Annotated[int, Field(ge=1)] = 100
+    thresholds: Thresholds = Thresholds()
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -71,9 +70,7 @@ class ModelSpec(BaseModel):
             min_size=size.min_size,
             max_size=size.max_size,
             image_size=size.image_size,
-            box_score_threshold=params.box_score_threshold,
-            nms_iou_threshold=params.nms_iou_threshold,
-            box_detections_per_image=params.box_detections_per_image,
+            thresholds=Thresholds.of(params),
         )
 
     @property
@@ -88,9 +85,7 @@ class ModelSpec(BaseModel):
             min_size=self.min_size,
             max_size=self.max_size,
             image_size=self.image_size,
-            box_score_threshold=self.box_score_threshold,
-            nms_iou_threshold=self.nms_iou_threshold,
-            box_detections_per_image=self.box_detections_per_image,
+            **self.thresholds.model_dump(),
         )
 
 
@@ -129,10 +124,21 @@ def read_spec(directory: str | Path) -> ModelSpec:
             f"(this one reads up to {FORMAT_VERSION}); upgrade visionautoml"
         )
     try:
-        return ModelSpec.model_validate(raw)
+        return ModelSpec.model_validate(upgrade_thresholds(raw))
     except ValidationError as error:
         problems = "; ".join(_describe(item) for item in error.errors())
         raise DataError(f"{path}: invalid model spec: {problems}") from None
+
+
+def upgrade_thresholds(raw: Any) -> Any:
+    """A format-1 file's flat threshold fields as the ``thresholds`` object later formats hold."""
+    if not isinstance(raw, dict) or raw.get("format_version", 1) != 1:
+        return raw
+    names = [name for name in Thresholds.model_fields if name in raw]
+    upgraded = {key: value for key, value in raw.items() if key not in names}
+    upgraded["thresholds"] = {name: raw[name] for name in names}
+    upgraded["format_version"] = FORMAT_VERSION
+    return upgraded
 
 
 def _describe(item: dict) -> str:

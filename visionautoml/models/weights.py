@@ -10,11 +10,11 @@ data, never code.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
-import urllib.request
+import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,8 +23,7 @@ import torch
 from torch import nn
 from torchvision.models._api import WeightsEnum
 
-from visionautoml.errors import ConfigError, FetchError, TrainingError
-from visionautoml.files import atomic_path
+from visionautoml.errors import ConfigError, FetchError, TrainingError, first_line
 
 if TYPE_CHECKING:
     from visionautoml.models.zoo import ZooEntry
@@ -86,47 +85,58 @@ class LoadReport:
             )
 
 
+def cached_weights_file(url: str) -> Path:
+    """Where torch's hub cache keeps the file at ``url`` (honours ``TORCH_HOME``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
 def torchvision_weights_file(weights: WeightsEnum) -> Path:
-    """Where torch's hub cache keeps ``weights`` (honours ``TORCH_HOME``)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    return cached_weights_file(weights.url)
 
 
-def ensure_torchvision_weights(weights: WeightsEnum, what: str) -> Path:
-    """The cached file of ``weights``, downloading it first when allowed; FetchError when impossible."""
-    target = torchvision_weights_file(weights)
+def ensure_weights_file(url: str, what: str, *, sha256: str | None = None) -> Path:
+    """The cached file of ``url``, downloaded first when allowed and checked; FetchError when impossible.
+
+    ``sha256`` is the file's digest or a prefix of it (torchvision puts one in its file names);
+    a download that does not match it is deleted, never loaded. A file already in the cache is
+    used as it is, so a machine without network works with files placed by hand.
+    """
+    target = cached_weights_file(url)
     if target.is_file():
         return target
     offline = os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
     reason = f"{OFFLINE_ENV} is set"
     if not offline:
         try:
-            _download(weights.url, target)
+            _download(url, target, sha256)
             return target
-        except OSError as error:  # URLError, timeouts, refused connections, a corrupt download
-            detail = getattr(error, "reason", None) or error
+        except (OSError, RuntimeError) as error:  # URLError, timeouts, refused connections, a bad hash
+            detail = getattr(error, "reason", None) or first_line(error)
             reason = f"the download failed ({detail}; set {OFFLINE_ENV}=1 where there is no network)"
     raise FetchError(
         f"{what} needs the file {target.name}, which is not in the torch cache, and {reason}. "
-        f"Download {weights.url} on a machine with internet access and place it at {target} "
+        f"Download {url} on a machine with internet access and place it at {target} "
         "(or set TORCH_HOME to a folder holding hub/checkpoints/), or set "
         "training_parameters.pretrained to `none` to train from scratch or to a local state dict PATH."
     )
 
 
-def _download(url: str, target: Path) -> None:
+def ensure_torchvision_weights(weights: WeightsEnum, what: str) -> Path:
+    """A torchvision weights file, checked against the hash prefix in its name."""
+    expected = _HASH_PREFIX.search(os.path.basename(weights.url))
+    return ensure_weights_file(weights.url, what, sha256=expected.group(1) if expected else None)
+
+
+def _download(url: str, target: Path, sha256: str | None) -> None:
+    """torch.hub's download (progress bar, temporary file, hash check), with a timeout on every read."""
     log.info("downloading %s to %s", url, target)
-    expected = _HASH_PREFIX.search(os.path.basename(url))
-    digest = hashlib.sha256()
-    with (
-        urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
-        atomic_path(target) as temporary,
-    ):
-        with temporary.open("wb") as out:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if expected and not digest.hexdigest().startswith(expected.group(1)):
-            raise OSError(f"{url}: checksum mismatch, the download is corrupt")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=sha256, progress=sys.stderr.isatty())
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def pretrained_source(entry: ZooEntry, pretrained: str) -> PretrainedSource:
@@ -135,8 +145,15 @@ def pretrained_source(entry: ZooEntry, pretrained: str) -> PretrainedSource:
     if pretrained == "none":
         return PretrainedSource("none")
     if pretrained == "imagenet":
+        if entry.imagenet_weights is None:
+            raise ConfigError(
+                f"{what}: there are no ImageNet backbone weights for {entry.name}; use `coco`, `none` or a "
+                "local state dict PATH"
+            )
         return PretrainedSource("imagenet", ensure_torchvision_weights(entry.imagenet_weights, what))
     if pretrained == "coco":
+        if entry.coco_file is not None:
+            return PretrainedSource("coco", entry.coco_file(what))
         if entry.coco_weights is None:
             raise ConfigError(
                 f"{what}: torchvision has no COCO weights for {entry.name}. Use `imagenet` (ImageNet "
@@ -164,7 +181,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise TrainingError(f"{path}: weights file not found") from None
     except Exception as error:
         raise TrainingError(
-            f"{path}: not a loadable state dict ({type(error).__name__}: {_first_line(error)}). "
+            f"{path}: not a loadable state dict ({type(error).__name__}: {first_line(error)}). "
             "Only plain tensors are accepted (torch.load weights_only=True); save with "
             "torch.save(model.state_dict(), path)."
         ) from None
@@ -211,8 +228,3 @@ def load_weights(module: nn.Module, path: str | Path) -> LoadReport:
     report.raise_if_unrelated(f"checkpoint {path}", type(module).__name__)
     log.info("checkpoint %s: %s", path, report.summary())
     return report
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else ""

@@ -16,12 +16,10 @@ letterbox, decoding, class-aware NMS and the scaling back in the graph.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +29,7 @@ from torchvision.ops import batched_nms, box_convert
 from yolox.config import YoloxConfig
 from yolox.models import YoloxModule
 
-from visionautoml.errors import ConfigError, FetchError
+from visionautoml.errors import ConfigError
 from visionautoml.models import weights
 
 log = logging.getLogger(__name__)
@@ -271,27 +269,14 @@ def build_yolox(
 def ensure_coco_weights(variant: str, what: str, *, release: str = COCO_RELEASE) -> Path:
     """The official COCO file of ``variant`` in the torch cache, downloaded (and checked) when missing.
 
-    Cache, timeout, offline mode and the "put URL at PATH" error are the zoo's own
-    (:func:`visionautoml.models.weights.ensure_torchvision_weights`); the file names carry
-    no hash, so a fresh download is checked against :attr:`YoloxVariant.sha256` here.
+    Cache, timeout, offline mode, the hash check and the "put URL at PATH" error are the
+    zoo's own (:func:`visionautoml.models.weights.ensure_weights_file`); the file names carry
+    no hash, so a download is checked against :attr:`YoloxVariant.sha256`.
     ``release`` is where the files are: Megvii's GitHub release, or a mirror of it.
     """
-    spec = YOLOX_VARIANTS[variant]
-    source = SimpleNamespace(url=f"{release.rstrip('/')}/{variant}.pth")
-    fresh = not weights.torchvision_weights_file(source).is_file()  # type: ignore[arg-type]
-    path = weights.ensure_torchvision_weights(source, what)  # type: ignore[arg-type]
-    if fresh and spec.sha256 is not None:
-        digest = hashlib.sha256()
-        with path.open("rb") as file:
-            while chunk := file.read(1 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != spec.sha256:
-            path.unlink()
-            raise FetchError(
-                f"{what}: the download of {source.url} has sha256 {digest.hexdigest()}, expected "
-                f"{spec.sha256}; it was deleted. Retry, or download the file yourself and place it at {path}"
-            )
-    return path
+    return weights.ensure_weights_file(
+        f"{release.rstrip('/')}/{variant}.pth", what, sha256=YOLOX_VARIANTS[variant].sha256
+    )
 
 
 def load_official_checkpoint(model: nn.Module, path: str | Path) -> weights.LoadReport:

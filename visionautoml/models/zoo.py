@@ -1,42 +1,33 @@
-"""The model zoo: an explicit registry from the cloud service's model names to torchvision builders.
+"""The model zoo: an explicit registry from the cloud service's model names to detector builders.
 
-Every model is assembled here from torchvision parts rather than through torchvision's
-``*_fpn(weights=...)`` functions, because those decide the architecture (frozen batch
-norm, frozen layers) from whether *they* download weights, force 91 classes with COCO
-weights and try the network on their own. Building the architecture ourselves gives one
-structure per model name whatever the weights, so a saved model rebuilds from its name
-alone, and lets :mod:`visionautoml.models.weights` load COCO, ImageNet or local weights
-from files it checked first. ``tests/test_zoo.py`` verifies each architecture against
-torchvision's own builder, key by key and shape by shape, so real COCO files load.
+Each entry names a builder (:mod:`visionautoml.models.architectures` for torchvision's
+detectors, :mod:`visionautoml.models.yolox` for the YOLOX family), its input size, its
+freezable backbone layers and the pretrained weights it has, so that a saved model rebuilds
+from its name alone and :mod:`visionautoml.models.weights` loads COCO, ImageNet or local
+weights from files it checked first. A name a cloud config may use that cannot be here
+(Ultralytics' AGPL YOLOs) is answered with the model to use instead.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torchvision.models import (
     MobileNet_V3_Large_Weights,
-    ResNet18_Weights,
-    ResNet34_Weights,
-    ResNet50_Weights,
-    ResNet101_Weights,
-    ResNet152_Weights,
     VGG16_Weights,
-    mobilenet_v3_large,
-    resnet,
 )
-from torchvision.models import vgg as vgg_module
 from torchvision.models._api import WeightsEnum
 from torchvision.models.detection import (
     FCOS,
-    FasterRCNN,
     FasterRCNN_MobileNet_V3_Large_320_FPN_Weights,
     FasterRCNN_MobileNet_V3_Large_FPN_Weights,
     FasterRCNN_ResNet50_FPN_V2_Weights,
@@ -47,61 +38,24 @@ from torchvision.models.detection import (
     SSD300_VGG16_Weights,
     SSDLite320_MobileNet_V3_Large_Weights,
 )
-from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
-from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, RPNHead, _default_anchorgen
-from torchvision.models.detection.ssd import SSD, SSDHead, _vgg_extractor
-from torchvision.models.detection.ssdlite import SSDLiteHead, _normal_init
-from torchvision.models.detection.ssdlite import _mobilenet_extractor as _ssdlite_extractor
-from torchvision.ops import misc as misc_ops
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from visionautoml.config import TrainingParameters
 from visionautoml.errors import ConfigError
-from visionautoml.models import weights
+from visionautoml.models import weights, yolox
+from visionautoml.models.architectures import (
+    RESNETS,
+    SSD300_MIN_IMAGE_SIZE,
+    InputSize,
+    Setup,
+    faster_rcnn_mobilenet,
+    faster_rcnn_resnet,
+    faster_rcnn_resnet50_v2,
+    one_stage_resnet,
+    ssd300_vgg16,
+    ssdlite320_mobilenet,
+)
 
 log = logging.getLogger(__name__)
-
-# The smallest SSD300 input whose VGG feature pyramid still has six levels (its last two unpadded
-# 3x3 convolutions need a 3x3 map): 267 fails, 268 works; tests/test_zoo.py trains at 268.
-_SSD300_MIN_IMAGE_SIZE = 268
-
-
-@dataclass(frozen=True, slots=True)
-class InputSize:
-    """How a model scales its input: shorter side to ``min_size`` capped by ``max_size``, or a square.
-
-    The models resize internally; the training data loader uses the same rule to shrink
-    large images once, so decoding, augmentation and the model's own resize see small ones.
-    """
-
-    min_size: int | None = None
-    max_size: int | None = None
-    image_size: int | None = None
-
-    def scaled(self, width: int, height: int) -> tuple[int, int]:
-        """The (width, height) the model resizes a ``width`` x ``height`` image to."""
-        if self.image_size is not None:
-            return self.image_size, self.image_size
-        assert self.min_size is not None and self.max_size is not None
-        scale = min(self.min_size / min(width, height), self.max_size / max(width, height))
-        return max(1, round(width * scale)), max(1, round(height * scale))
-
-    def describe(self) -> str:
-        if self.image_size is not None:
-            return f"{self.image_size}x{self.image_size}"
-        return f"{self.min_size}-{self.max_size}"
-
-
-@dataclass(frozen=True, slots=True)
-class _Setup:
-    """What a builder needs beyond the class count, decided by :func:`build_model`."""
-
-    frozen_batch_norm: bool
-    trainable_layers: int
-    backbone_weights: dict[str, torch.Tensor] | None
-    size: InputSize
-    kwargs: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,23 +68,31 @@ class ZooEntry:
 
     name: str
     family: str
-    builder: Callable[[int, _Setup], nn.Module]
+    builder: Callable[[int, Setup], nn.Module]
     default_size: InputSize
     backbone_layers: int
     default_trainable_layers: int
-    imagenet_weights: WeightsEnum
+    imagenet_weights: WeightsEnum | None
     coco_weights: WeightsEnum | None = None
+    coco_file: Callable[[str], Path] | None = None
+    """For weights torchvision does not publish (YOLOX): the checked local file of the COCO weights."""
     defaults: dict[str, Any] = field(default_factory=dict)
     note: str = ""
 
+    @property
+    def has_coco_weights(self) -> bool:
+        return self.coco_weights is not None or self.coco_file is not None
+
     def input_size(self, params: TrainingParameters) -> InputSize:
         """The input size ``params`` ask for; sizes that do not apply to this family are ignored."""
+        if self.family == "yolox":
+            return InputSize(image_size=params.image_size or self.default_size.image_size, letterbox=True)
         if self.family == "ssd":
             size = params.image_size or self.default_size.image_size
-            if self.name == "ssd300_vgg16" and size < _SSD300_MIN_IMAGE_SIZE:
+            if self.name == "ssd300_vgg16" and size < SSD300_MIN_IMAGE_SIZE:
                 raise ConfigError(
                     f"training_parameters.image_size: {size} is too small for ssd300_vgg16; "
-                    f"use at least {_SSD300_MIN_IMAGE_SIZE} (default 300) or ssdlite320_mobilenet_v3_large"
+                    f"use at least {SSD300_MIN_IMAGE_SIZE} (default 300) or ssdlite320_mobilenet_v3_large"
                 )
             return InputSize(image_size=size)
         return InputSize(
@@ -139,120 +101,14 @@ class ZooEntry:
         )
 
 
-# --- architectures ------------------------------------------------------------------------------
-
-_RESNETS: dict[int, tuple[Callable[..., resnet.ResNet], WeightsEnum]] = {
-    18: (resnet.resnet18, ResNet18_Weights.IMAGENET1K_V1),
-    34: (resnet.resnet34, ResNet34_Weights.IMAGENET1K_V1),
-    50: (resnet.resnet50, ResNet50_Weights.IMAGENET1K_V1),
-    101: (resnet.resnet101, ResNet101_Weights.IMAGENET1K_V1),
-    152: (resnet.resnet152, ResNet152_Weights.IMAGENET1K_V1),
-}
-
-
-def _load_backbone(backbone: nn.Module, setup: _Setup) -> nn.Module:
-    if setup.backbone_weights is not None:
-        report = weights.load_matching(backbone, setup.backbone_weights)
-        log.info("ImageNet backbone weights: %s", report.summary())
-    return backbone
-
-
-def _resnet(depth: int, setup: _Setup, *, frozen_batch_norm: bool) -> resnet.ResNet:
-    norm = misc_ops.FrozenBatchNorm2d if frozen_batch_norm else nn.BatchNorm2d
-    return _load_backbone(_RESNETS[depth][0](weights=None, norm_layer=norm), setup)
-
-
-def _faster_rcnn_resnet(depth: int) -> Callable[[int, _Setup], nn.Module]:
-    def build(num_classes: int, setup: _Setup) -> nn.Module:
-        backbone = _resnet(depth, setup, frozen_batch_norm=setup.frozen_batch_norm)
-        return FasterRCNN(
-            _resnet_fpn_extractor(backbone, setup.trainable_layers), num_classes, **setup.kwargs
-        )
-
-    return build
-
-
-def _faster_rcnn_resnet50_v2(num_classes: int, setup: _Setup) -> nn.Module:
-    # The v2 recipe trains batch norm everywhere, also with pretrained weights (as torchvision does).
-    backbone = _resnet(50, setup, frozen_batch_norm=False)
-    backbone = _resnet_fpn_extractor(backbone, setup.trainable_layers, norm_layer=nn.BatchNorm2d)
-    anchors = _default_anchorgen()
-    return FasterRCNN(
-        backbone,
+def _yolox(variant: str, num_classes: int, setup: Setup) -> nn.Module:
+    return yolox.build_yolox(
+        variant,
         num_classes,
-        rpn_anchor_generator=anchors,
-        rpn_head=RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0], conv_depth=2),
-        box_head=FastRCNNConvFCHead(
-            (backbone.out_channels, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d
-        ),
+        image_size=setup.size.image_size,
+        trainable_layers=setup.trainable_layers,
         **setup.kwargs,
     )
-
-
-def _faster_rcnn_mobilenet(num_classes: int, setup: _Setup) -> nn.Module:
-    norm = misc_ops.FrozenBatchNorm2d if setup.frozen_batch_norm else nn.BatchNorm2d
-    backbone = _load_backbone(mobilenet_v3_large(weights=None, norm_layer=norm), setup)
-    backbone = _mobilenet_extractor(backbone, True, setup.trainable_layers)
-    anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
-    return FasterRCNN(backbone, num_classes, rpn_anchor_generator=anchors, **setup.kwargs)
-
-
-def _one_stage_resnet(detector: type[nn.Module], depth: int) -> Callable[[int, _Setup], nn.Module]:
-    """RetinaNet and FCOS share torchvision's P3-P7 ResNet-FPN backbone."""
-
-    def build(num_classes: int, setup: _Setup) -> nn.Module:
-        backbone = _resnet(depth, setup, frozen_batch_norm=setup.frozen_batch_norm)
-        backbone = _resnet_fpn_extractor(
-            backbone, setup.trainable_layers, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)
-        )
-        return detector(backbone, num_classes, **setup.kwargs)
-
-    return build
-
-
-def _vgg16_features() -> nn.Module:
-    """VGG16 without the 120M-parameter classifier SSD throws away (initialising it takes a second).
-
-    The same modules and initialisation as ``torchvision.models.vgg16`` up to ``features``, so
-    ImageNet ``features.*`` weights load unchanged.
-    """
-    vgg = nn.Module()
-    vgg.features = vgg_module.make_layers(vgg_module.cfgs["D"])
-    for layer in vgg.features:
-        if isinstance(layer, nn.Conv2d):
-            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.constant_(layer.bias, 0)
-    return vgg
-
-
-def _ssd300_vgg16(num_classes: int, setup: _Setup) -> nn.Module:
-    backbone = _vgg_extractor(_load_backbone(_vgg16_features(), setup), False, setup.trainable_layers)
-    size = setup.size.image_size
-    # torchvision's anchor steps place anchor centres for a 300x300 input; at any other size the
-    # generator's uniform grid over the actual feature maps is the correct placement.
-    anchors = DefaultBoxGenerator(
-        [[2], [2, 3], [2, 3], [2, 3], [2], [2]],
-        scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05],
-        steps=[8, 16, 32, 64, 100, 300] if size == 300 else None,
-    )
-    head = SSDHead([512, 1024, 512, 256, 256, 256], anchors.num_anchors_per_location(), num_classes)
-    # VGG16's ImageNet weights expect 0-255 inputs with the mean removed, as in torchvision.
-    kwargs = {"image_mean": [0.48235, 0.45882, 0.40784], "image_std": [1.0 / 255.0] * 3, **setup.kwargs}
-    return SSD(backbone, anchors, (size, size), num_classes, head=head, **kwargs)
-
-
-def _ssdlite320_mobilenet(num_classes: int, setup: _Setup) -> nn.Module:
-    # Always the reduced tail of torchvision's COCO model, so COCO weights, ImageNet weights (whose
-    # last blocks then do not fit and are re-initialised) and none all give one architecture.
-    norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
-    backbone = mobilenet_v3_large(weights=None, norm_layer=norm, reduced_tail=True)
-    _normal_init(backbone)
-    backbone = _ssdlite_extractor(_load_backbone(backbone, setup), setup.trainable_layers, norm)
-    anchors = DefaultBoxGenerator([[2, 3] for _ in range(6)], min_ratio=0.2, max_ratio=0.95)
-    head = SSDLiteHead([672, 480, 512, 256, 256, 128], anchors.num_anchors_per_location(), num_classes, norm)
-    kwargs = {"topk_candidates": 300, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, **setup.kwargs}
-    size = setup.size.image_size
-    return SSD(backbone, anchors, (size, size), num_classes, head=head, **kwargs)
 
 
 # --- the registry -------------------------------------------------------------------------------
@@ -262,9 +118,9 @@ _MOBILENET = MobileNet_V3_Large_Weights.IMAGENET1K_V1
 
 
 def _resnet_entry(
-    name: str, family: str, builder: Callable[[int, _Setup], nn.Module], depth: int, coco: WeightsEnum | None
+    name: str, family: str, builder: Callable[[int, Setup], nn.Module], depth: int, coco: WeightsEnum | None
 ) -> ZooEntry:
-    return ZooEntry(name, family, builder, _RCNN_SIZE, 5, 3, _RESNETS[depth][1], coco)
+    return ZooEntry(name, family, builder, _RCNN_SIZE, 5, 3, RESNETS[depth][1], coco)
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -273,27 +129,27 @@ ZOO: dict[str, ZooEntry] = {
         _resnet_entry(
             "fasterrcnn_resnet50_fpn",
             "faster_rcnn",
-            _faster_rcnn_resnet(50),
+            faster_rcnn_resnet(50),
             50,
             FasterRCNN_ResNet50_FPN_Weights.COCO_V1,
         ),
         _resnet_entry(
             "fasterrcnn_resnet50_fpn_v2",
             "faster_rcnn",
-            _faster_rcnn_resnet50_v2,
+            faster_rcnn_resnet50_v2,
             50,
             FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
         ),
         *(
             _resnet_entry(
-                f"fasterrcnn_resnet{depth}_fpn", "faster_rcnn", _faster_rcnn_resnet(depth), depth, None
+                f"fasterrcnn_resnet{depth}_fpn", "faster_rcnn", faster_rcnn_resnet(depth), depth, None
             )
             for depth in (18, 34, 101, 152)
         ),
         ZooEntry(
             "fasterrcnn_mobilenet_v3_large_fpn",
             "faster_rcnn",
-            _faster_rcnn_mobilenet,
+            faster_rcnn_mobilenet,
             _RCNN_SIZE,
             6,
             3,
@@ -304,7 +160,7 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             "fasterrcnn_mobilenet_v3_large_320_fpn",
             "faster_rcnn",
-            _faster_rcnn_mobilenet,
+            faster_rcnn_mobilenet,
             InputSize(min_size=320, max_size=640),
             6,
             3,
@@ -325,19 +181,19 @@ ZOO: dict[str, ZooEntry] = {
         _resnet_entry(
             "retinanet_resnet50_fpn",
             "retinanet",
-            _one_stage_resnet(RetinaNet, 50),
+            one_stage_resnet(RetinaNet, 50),
             50,
             RetinaNet_ResNet50_FPN_Weights.COCO_V1,
         ),
-        _resnet_entry("retinanet_resnet18_fpn", "retinanet", _one_stage_resnet(RetinaNet, 18), 18, None),
+        _resnet_entry("retinanet_resnet18_fpn", "retinanet", one_stage_resnet(RetinaNet, 18), 18, None),
         _resnet_entry(
-            "fcos_resnet50_fpn", "fcos", _one_stage_resnet(FCOS, 50), 50, FCOS_ResNet50_FPN_Weights.COCO_V1
+            "fcos_resnet50_fpn", "fcos", one_stage_resnet(FCOS, 50), 50, FCOS_ResNet50_FPN_Weights.COCO_V1
         ),
-        _resnet_entry("fcos_resnet18_fpn", "fcos", _one_stage_resnet(FCOS, 18), 18, None),
+        _resnet_entry("fcos_resnet18_fpn", "fcos", one_stage_resnet(FCOS, 18), 18, None),
         ZooEntry(
             "ssd300_vgg16",
             "ssd",
-            _ssd300_vgg16,
+            ssd300_vgg16,
             InputSize(image_size=300),
             5,
             4,
@@ -347,13 +203,27 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             "ssdlite320_mobilenet_v3_large",
             "ssd",
-            _ssdlite320_mobilenet,
+            ssdlite320_mobilenet,
             InputSize(image_size=320),
             6,
             6,
             _MOBILENET,
             SSDLite320_MobileNet_V3_Large_Weights.COCO_V1,
             note="smallest, fastest",
+        ),
+        *(
+            ZooEntry(
+                name,
+                "yolox",
+                partial(_yolox, name),
+                InputSize(image_size=variant.image_size, letterbox=True),
+                len(yolox.BACKBONE_STAGES),
+                len(yolox.BACKBONE_STAGES),
+                None,
+                coco_file=partial(yolox.ensure_coco_weights, name),
+                note="real-time single-stage (model_name: yolox + model_size)" if name == "yolox_s" else "",
+            )
+            for name, variant in yolox.YOLOX_VARIANTS.items()
         ),
     ]
 }
@@ -364,17 +234,67 @@ _THRESHOLD_KWARGS: dict[str, tuple[str, str, str]] = {
     "retinanet": ("score_thresh", "nms_thresh", "detections_per_img"),
     "fcos": ("score_thresh", "nms_thresh", "detections_per_img"),
     "ssd": ("score_thresh", "nms_thresh", "detections_per_img"),
+    "yolox": ("score_thresh", "nms_thresh", "detections_per_img"),
+}
+GENERIC_NAMES = {"yolox": "model_size (small | medium | large | extra_large)"}
+"""Cloud model names that stand for a family: the concrete model comes from another parameter."""
+
+
+# Models a cloud config may name that the zoo cannot have, with why and what to use instead.
+NOT_IN_ZOO: dict[str, str] = {
+    name: (
+        f"'{name}' (Ultralytics YOLO) is AGPL-3.0 licensed, which a permissive project cannot ship; "
+        "use model_name: yolox (the same model_size) or ssdlite320_mobilenet_v3_large"
+    )
+    for name in ("yolov5", "yolov8", "yolov9", "yolov10", "yolo11")
 }
 
 
-def get_entry(model_name: str) -> ZooEntry:
+def get_entry(model_name: str, field: str = "training_parameters.model_name") -> ZooEntry:
     try:
         return ZOO[model_name]
     except KeyError:
+        if model_name in NOT_IN_ZOO:
+            raise ConfigError(f"{field}: {NOT_IN_ZOO[model_name]}") from None
+        close = difflib.get_close_matches(model_name, list(ZOO), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
-            f"training_parameters.model_name: unknown model '{model_name}'. "
+            f"{field}: unknown model '{model_name}'.{hint} "
             f"Valid names: {', '.join(ZOO)} (`visionautoml models zoo` describes them)"
         ) from None
+
+
+def concrete_parameters(params: TrainingParameters) -> TrainingParameters:
+    """``params`` with ``model_name: yolox`` + ``model_size`` as the zoo model they name (``yolox_m``).
+
+    The trained model records the concrete name, so it rebuilds whatever the defaults become;
+    a ``model_size`` that a named model does not use is refused rather than ignored.
+    """
+    name = params.model_name
+    if name in GENERIC_NAMES:
+        return params.model_copy(update={"model_name": yolox.variant_for(name, params.model_size)})
+    if params.model_size is not None and name not in yolox.YOLOX_VARIANTS:
+        raise ConfigError(
+            f"training_parameters.model_size: '{params.model_size}' applies to model_name: yolox only, "
+            f"not to {name}; remove it or use model_name: yolox"
+        )
+    if params.model_size is not None and yolox.variant_for("yolox", params.model_size) != name:
+        raise ConfigError(
+            f"training_parameters.model_size: '{params.model_size}' contradicts model_name {name}; give "
+            "model_name: yolox with a model_size, or a concrete model_name alone"
+        )
+    return params
+
+
+def check_model_names(job: Any) -> None:
+    """Every model a job may train exists here: fails in a second, before any run or data work."""
+    params = job.training_parameters
+    get_entry(concrete_parameters(params).model_name)
+    for index, subspace in enumerate(job.search_space):
+        distribution = subspace.get("model_name")
+        for value in (distribution.values or []) if distribution is not None else []:
+            if str(value) not in GENERIC_NAMES:
+                get_entry(str(value), f"search_space[{index}].model_name")
 
 
 def trainable_layers(entry: ZooEntry, params: TrainingParameters) -> int:
@@ -393,7 +313,7 @@ def trainable_layers(entry: ZooEntry, params: TrainingParameters) -> int:
     return entry.backbone_layers - params.layers_to_freeze
 
 
-def _setup(entry: ZooEntry, params: TrainingParameters, backbone_weights: dict | None) -> _Setup:
+def _setup(entry: ZooEntry, params: TrainingParameters, backbone_weights: dict | None) -> Setup:
     size = entry.input_size(params)
     score, nms, per_image = _THRESHOLD_KWARGS[entry.family]
     kwargs = {
@@ -402,9 +322,9 @@ def _setup(entry: ZooEntry, params: TrainingParameters, backbone_weights: dict |
         nms: params.nms_iou_threshold,
         per_image: params.box_detections_per_image,
     }
-    if entry.family != "ssd":
+    if entry.family not in ("ssd", "yolox"):
         kwargs |= {"min_size": size.min_size, "max_size": size.max_size}
-    return _Setup(
+    return Setup(
         frozen_batch_norm=params.pretrained != "none",
         trainable_layers=trainable_layers(entry, params),
         backbone_weights=backbone_weights,
@@ -443,6 +363,14 @@ def parameter_count(model_name: str, num_classes: int = 91) -> int:
     with torch.device("meta"):
         module = entry.builder(num_classes, _setup(entry, params, None))
     return sum(parameter.numel() for parameter in module.parameters())
+
+
+RAW_SCORE_THRESHOLD = 0.01
+"""The score a detector runs at when its caller filters by the model's own threshold afterwards.
+
+NMS is greedy by score, so every detection above the model's threshold comes out exactly
+as it would at that threshold; the ONNX graph and the PyTorch predictor both run here.
+"""
 
 
 def score_threshold(detector: nn.Module) -> float | None:

@@ -26,16 +26,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from visionautoml.config import DEFAULT_WORKSPACE
 from visionautoml.errors import ConfigError
 from visionautoml.files import atomic_write_text
-from visionautoml.pipeline.secrets import mask, mask_values
+from visionautoml.pipeline.ray_jobs import RAY_JOB_PREFIX
+from visionautoml.redact import mask, mask_values
 
 STATE_FILE = "state.json"
 LOG_FILE = "output.log"
 STARTING, RUNNING, SUCCEEDED, FAILED, LOST = "starting", "running", "succeeded", "failed", "lost"
 FINAL = (SUCCEEDED, FAILED, LOST)
-RAY_JOB_PREFIX = "visionautoml-"
-"""A run's Ray job is ``visionautoml-RUN_ID``, so any machine can find it from the run id."""
 _RUN_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
 _POLL_SECONDS = 0.5
 # A detached run that has not written its first state this long after its start has failed to start.
@@ -50,7 +52,8 @@ class RunRecord:
     config: str
     data: str | None = None
     output_json: str | None = None
-    workspace: str = ".visionautoml"
+    settings: list[str] = field(default_factory=list)
+    workspace: str = DEFAULT_WORKSPACE
     detached: bool = False
     status: str = STARTING
     pid: int | None = None
@@ -95,7 +98,13 @@ def _now() -> str:
 
 
 def new_run(
-    config: str | Path, *, workspace: str, data: str | None, output_json: str | None, detached: bool
+    config: str | Path,
+    *,
+    workspace: str,
+    data: str | None,
+    output_json: str | None,
+    detached: bool,
+    settings: list[str] | None = None,
 ) -> RunRecord:
     """Record a new run; its id sorts by start time and is unique without coordination."""
     run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
@@ -104,6 +113,7 @@ def new_run(
         config=str(Path(config).resolve()),
         data=mask(data) if data else None,
         output_json=str(Path(output_json).resolve()) if output_json else None,
+        settings=list(settings or []),
         workspace=str(Path(workspace).expanduser().resolve()),
         detached=detached,
         created=_now(),
@@ -150,25 +160,19 @@ def list_runs(workspace: str | Path) -> list[RunRecord]:
 
 
 def _process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid``: with the pid, it tells a reused pid from the original."""
+    """When ``pid`` started: with the pid, it tells a reused pid from the original."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return f"{process.create_time():.2f}"
+    except psutil.Error:
         return None
-    return None if fields[0] == "Z" else fields[19]
 
 
 def _process_alive(pid: int, start: str | None) -> bool:
-    if Path("/proc").is_dir():
-        current = _process_start(pid)
-        return current is not None and (start is None or current == start)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    current = _process_start(pid)
+    return current is not None and (start is None or current == start)
 
 
 def mark_running(record: RunRecord) -> None:
@@ -188,7 +192,7 @@ def finish(record: RunRecord, *, result: dict[str, Any] | None = None, error: st
 
 
 def start_detached(record: RunRecord) -> int:
-    """Start ``python -m visionautoml.pipeline.jobs`` on ``record`` in a new session; return its pid.
+    """Start ``python -m visionautoml.pipeline detached`` on ``record`` in a new session; return its pid.
 
     The child inherits the environment (so secret variables reach it) but no terminal: its
     output goes to the run's log file. Arguments carry only the workspace and the run id.
@@ -196,7 +200,7 @@ def start_detached(record: RunRecord) -> int:
     record.folder.mkdir(parents=True, exist_ok=True)
     with record.log_path.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "visionautoml.pipeline.jobs", record.workspace, record.id],
+            [sys.executable, "-m", "visionautoml.pipeline", "detached", record.workspace, record.id],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -288,23 +292,3 @@ def _stream_log(path: Path, offset: int, on_output: Callable[[str], None] | None
     if complete:
         on_output(mask(complete.decode("utf-8", errors="replace")))
     return offset + len(complete)
-
-
-def _main(arguments: list[str]) -> int:
-    """The detached process: run the recorded request, exit 0 only if the pipeline succeeded."""
-    from visionautoml.cli import err_console
-    from visionautoml.errors import VisionAutoMLError
-    from visionautoml.pipeline.run import run_recorded
-
-    workspace, run_id = arguments
-    record = load_run(workspace, run_id)
-    try:
-        run_recorded(record)
-    except VisionAutoMLError as error:
-        err_console.print(f"error: {error}", soft_wrap=True, highlight=False, markup=False)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

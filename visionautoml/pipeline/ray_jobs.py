@@ -8,7 +8,7 @@ record keeps the job's id and address, so ``runs wait`` from any later job follo
 job's status and log and exits with its outcome.
 
 What the job gets: a working directory holding only the config file, the entrypoint
-``python -m visionautoml.pipeline.ray_jobs pipeline.yaml [--data DATA]`` (no secret ever on
+``python -m visionautoml.pipeline ray-job pipeline.yaml [--data DATA]`` (no secret ever on
 a command line) and, as environment variables of its runtime env, the values of the
 config's ``${secret:...}`` references and the well-known credential variables set here.
 Ray's dashboard shows runtime-env variables redacted; our outputs mask every value. The
@@ -18,29 +18,24 @@ cluster shares) and the data (a URL, or a path readable on the cluster).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from visionautoml.config import Compute, JobConfig, load_config
-from visionautoml.errors import ConfigError, VisionAutoMLError
-from visionautoml.pipeline.jobs import RAY_JOB_PREFIX
-from visionautoml.pipeline.secrets import (
-    CREDENTIAL_VARIABLES,
-    find_references,
-    mask,
-    resolve_secret_values,
-)
+from visionautoml.errors import ConfigError, first_line
+from visionautoml.redact import CREDENTIAL_VARIABLES, mask
+from visionautoml.secrets import find_references, resolve_secret_values
 
+RAY_JOB_PREFIX = "visionautoml-"
+"""A run's Ray job is ``visionautoml-RUN_ID``, so any machine can find it from the run id."""
 DASHBOARD_PORT = 8265
 CONFIG_NAME = "pipeline.yaml"
 RESULT_MARKER = "visionautoml-pipeline-result: "
@@ -84,7 +79,7 @@ def _client(address: str) -> Any:
         return JobSubmissionClient(address)
     except Exception as error:  # Ray raises ConnectionError, RuntimeError or ValueError here
         raise ConfigError(
-            f"cannot reach the Ray cluster's job API at {address} ({mask(_first_line(error))}); check "
+            f"cannot reach the Ray cluster's job API at {address} ({mask(first_line(error))}); check "
             "that the head's dashboard runs (ray[default]) and its port is reachable, or set "
             "compute.dashboard_address"
         ) from None
@@ -106,13 +101,22 @@ def job_environment(config_path: str | Path) -> dict[str, str]:
     return env
 
 
-def submit(config_path: str | Path, job: JobConfig, *, data: str | None, run_id: str) -> tuple[str, str]:
+def submit(
+    config_path: str | Path,
+    job: JobConfig,
+    *,
+    data: str | None,
+    run_id: str,
+    settings: Sequence[str] = (),
+) -> tuple[str, str]:
     """Submit the pipeline of ``config_path`` as a Ray job; returns ``(job id, dashboard address)``."""
     address = dashboard_address(job.compute)
     client = _client(address)
-    entrypoint = ["python", "-m", __name__, CONFIG_NAME]  # the cluster's python, with visionautoml
+    entrypoint = ["python", "-m", "visionautoml.pipeline", "ray-job", CONFIG_NAME]  # the cluster's python
     if data:
         entrypoint += ["--data", data]
+    for setting in settings:
+        entrypoint += ["--set", setting]
     with tempfile.TemporaryDirectory(prefix="visionautoml-job-") as folder:
         shutil.copyfile(config_path, Path(folder) / CONFIG_NAME)
         try:
@@ -124,7 +128,7 @@ def submit(config_path: str | Path, job: JobConfig, *, data: str | None, run_id:
             )
         except Exception as error:
             raise ConfigError(
-                f"the Ray cluster at {address} refused the pipeline job: {mask(_first_line(error))}"
+                f"the Ray cluster at {address} refused the pipeline job: {mask(first_line(error))}"
             ) from None
     return job_id, address
 
@@ -174,31 +178,3 @@ def _result_from(logs: str) -> dict[str, Any] | None:
             except ValueError:
                 return None
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
-def _main(arguments: list[str]) -> int:
-    """The job on the cluster: run the pipeline in the foreground, then print its outcome as JSON."""
-    from visionautoml.pipeline.run import run_pipeline
-    from visionautoml.pipeline.secrets import masked_output
-
-    parser = argparse.ArgumentParser(prog="visionautoml-ray-job")
-    parser.add_argument("config")
-    parser.add_argument("--data")
-    options = parser.parse_args(arguments)
-    with masked_output():
-        try:
-            result = run_pipeline(options.config, data=options.data).to_dict()
-        except VisionAutoMLError as error:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            result = {"status": "failed", "error": str(error)}
-        print(RESULT_MARKER + json.dumps(result, default=str), flush=True)
-    return 0 if result.get("status") == "succeeded" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

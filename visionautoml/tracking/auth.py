@@ -11,7 +11,6 @@ is still starting.
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +20,8 @@ import requests
 
 from visionautoml.config import JobConfig
 from visionautoml.errors import ConfigError, TrackingError
+from visionautoml.redact import scrub, strip_userinfo
+from visionautoml.tracking.workspace import resolve_tracking_uri
 
 USERNAME_VARIABLE = "MLFLOW_TRACKING_USERNAME"
 PASSWORD_VARIABLE = "MLFLOW_TRACKING_PASSWORD"
@@ -28,7 +29,6 @@ TOKEN_VARIABLE = "MLFLOW_TRACKING_TOKEN"
 CHECK_ENDPOINT = "/api/2.0/mlflow/experiments/search"
 # Statuses a starting or overloaded server answers; anything else is final.
 _RETRIED_STATUSES = (429, 500, 502, 503, 504)
-_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
 
 
 def apply_credentials(job: JobConfig) -> JobConfig:
@@ -52,21 +52,6 @@ def apply_credentials(job: JobConfig) -> JobConfig:
         if value and not os.environ.get(variable):
             os.environ[variable] = value
     return job.model_copy(update={"tracking": tracking.model_copy(update={"password": None, "token": None})})
-
-
-def server_name(uri: str) -> str:
-    """The URI as shown to people: any ``user:password@`` part removed."""
-    return _URL_USERINFO.sub(r"\1", uri)
-
-
-def scrub_credentials(text: str) -> str:
-    """Remove what a library may echo from a request: URL user info and the credential values."""
-    text = _URL_USERINFO.sub(r"\1***@", text)
-    for variable in (PASSWORD_VARIABLE, TOKEN_VARIABLE):
-        value = os.environ.get(variable, "")
-        if value:
-            text = text.replace(value, "***")
-    return text
 
 
 def _identity() -> str:
@@ -104,7 +89,7 @@ def _connection_problem(error: requests.RequestException) -> str:
         return "connection refused"
     if "NameResolution" in text or "Name or service not known" in text:
         return "the host name does not resolve"
-    return scrub_credentials(type(error).__name__)
+    return scrub(type(error).__name__)
 
 
 def check_server(uri: str, *, timeout_s: float = 20.0) -> str:
@@ -118,8 +103,8 @@ def check_server(uri: str, *, timeout_s: float = 20.0) -> str:
     """
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https"):
-        return f"{server_name(uri)} (a local store: no login)"
-    server = server_name(uri)
+        return f"{strip_userinfo(uri)} (a local store: no login)"
+    server = strip_userinfo(uri)
     if os.environ.get(USERNAME_VARIABLE) and not os.environ.get(PASSWORD_VARIABLE):
         raise TrackingError(
             f"tracking server {server}: user '{os.environ[USERNAME_VARIABLE]}' has no password: set "
@@ -179,8 +164,6 @@ def check_server(uri: str, *, timeout_s: float = 20.0) -> str:
 
 def login(job: JobConfig, *, timeout_s: float = 20.0) -> tuple[JobConfig, str]:
     """Credentials into the environment, then the check: the job (without secrets) and who logged in where."""
-    from visionautoml.tracking.workspace import resolve_tracking_uri
-
     job = apply_credentials(job)
     return job, check_server(resolve_tracking_uri(job), timeout_s=timeout_s)
 
@@ -196,4 +179,4 @@ def scrubbed_tracking_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except (MlflowException, requests.RequestException) as error:
-        raise TrackingError(f"tracking server {server_name(uri)}: {scrub_credentials(str(error))}") from None
+        raise TrackingError(f"tracking server {strip_userinfo(uri)}: {scrub(str(error))}") from None

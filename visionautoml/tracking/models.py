@@ -1,7 +1,7 @@
 """Models in MLflow: log a saved-model directory as a pyfunc model, and find it again from any URI.
 
 A model is logged with MLflow's models-from-code: the pyfunc is the source file
-``visionautoml/models/pyfunc.py`` and the saved-model directory (``weights.pt`` state dict,
+``visionautoml/tracking/pyfunc.py`` and the saved-model directory (``weights.pt`` state dict,
 ``model.json``, ``labels.json``) travels as its artifact. Nothing is pickled, so loading a
 model never runs code stored in the artifact store (``mlflow.pytorch.log_model`` would try
 torch.export, which fails on these detectors, then fall back to pickling the module).
@@ -13,21 +13,20 @@ Everything else (evaluate, export, serve) needs only the saved-model directory, 
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from visionautoml.errors import TrackingError
-from visionautoml.tracking.auth import scrub_credentials, server_name
-from visionautoml.tracking.workspace import ENV_TRACKING_URI, current_tracking_uri, sqlite_path
+from visionautoml.errors import TrackingError, first_line
+from visionautoml.redact import scrub, strip_userinfo
+from visionautoml.tracking.workspace import current_tracking_uri, sqlite_path, use_tracking_uri
 
 MODEL_ARTIFACT_NAME = "model"
 SAVED_MODEL_FILE = "model.json"
+EXPORT_SUBDIR = "onnx"
+"""Where an export attached to a saved model lives, inside the saved-model folder."""
 URI_FORMS = "runs:/RUN_ID/model, models:/NAME@ALIAS, models:/NAME/VERSION or a saved-model directory"
 
 # What a fresh environment needs to load the pyfunc, pinned to what trained it.
@@ -38,7 +37,7 @@ def log_saved_model(directory: Path, *, name: str = MODEL_ARTIFACT_NAME) -> str:
     """Log ``directory`` (a saved model) to the active MLflow run; returns ``runs:/RUN_ID/NAME``."""
     import mlflow
 
-    from visionautoml.models import pyfunc
+    from visionautoml.tracking import pyfunc
 
     run = mlflow.active_run()
     if run is None:
@@ -55,6 +54,59 @@ def log_saved_model(directory: Path, *, name: str = MODEL_ARTIFACT_NAME) -> str:
             pip_requirements=_pinned_requirements(),
         )
     return f"runs:/{run.info.run_id}/{name}"
+
+
+def model_run_tags(model_uri: str) -> dict[str, str]:
+    """The tags of the run that logged ``model_uri`` (``runs:/`` or ``models:/``); empty if unknown."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run_id = mlflow.models.get_model_info(model_uri).run_id
+        return dict(mlflow.MlflowClient(current_tracking_uri()).get_run(run_id).data.tags) if run_id else {}
+    except (MlflowException, OSError):
+        return {}
+
+
+def record_export(model_uri: str, tags: dict[str, str], export_dir: Path | None) -> list[str]:
+    """Tag the logged model and its registry version with an export's result; attach the export too.
+
+    With ``export_dir`` the export is uploaded into the saved-model artifact's ``onnx/`` folder,
+    where serving and prediction look for it. Returns what was recorded, for the user.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from visionautoml.tracking import pyfunc
+    from visionautoml.tracking.registry import registry_reference, set_version_tags
+
+    client = mlflow.MlflowClient(current_tracking_uri())
+    recorded = []
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+        if info.model_id:
+            client.set_logged_model_tags(info.model_id, tags)
+            recorded.append(f"tags on logged model {info.model_id}")
+        registered = registry_reference(model_uri)
+        if registered is not None:
+            set_version_tags(*registered, tags)
+            recorded.append(f"tags on model {registered[0]} version {registered[1]}")
+        if export_dir is not None:
+            saved = (info.flavors.get("python_function", {}).get("artifacts") or {}).get(
+                pyfunc.ARTIFACT_KEY, {}
+            )
+            if not info.model_id or "path" not in saved:
+                raise TrackingError(
+                    f"{model_uri}: not a visionautoml pyfunc model, so the export cannot be attached"
+                )
+            target = f"{saved['path']}/{EXPORT_SUBDIR}"
+            client.log_model_artifacts(info.model_id, str(export_dir), target)
+            recorded.append(f"export attached to logged model {info.model_id} as {target}")
+    except MlflowException as error:
+        raise TrackingError(
+            f"{model_uri}: recording the export in MLflow failed: {first_line(error)}"
+        ) from None
+    return recorded
 
 
 def resolve_model(uri: str, *, tracking_uri: str | None = None, dst: Path | None = None) -> Path:
@@ -84,42 +136,19 @@ def resolve_model(uri: str, *, tracking_uri: str | None = None, dst: Path | None
         )
     destination = dst or Path(tempfile.mkdtemp(prefix="visionautoml-model-"))
     try:
-        with _current_store(store):
+        with use_tracking_uri(store):
             downloaded = mlflow.artifacts.download_artifacts(
                 artifact_uri=uri, dst_path=str(destination), tracking_uri=store
             )
     except MlflowException as error:
         raise TrackingError(
-            f"{uri}: cannot fetch the model from the tracking store {server_name(store)}: "
-            f"{scrub_credentials(_first_line(error.message))}. Check the run id, model name, alias or "
+            f"{uri}: cannot fetch the model from the tracking store {strip_userinfo(store)}: "
+            f"{scrub(first_line(error))}. Check the run id, model name, alias or "
             "version (`visionautoml models list`), and MLFLOW_TRACKING_URI"
         ) from None
     except OSError as error:
         raise TrackingError(f"{uri}: cannot download the model: {error}") from None
     return _saved_model_in(Path(downloaded), uri)
-
-
-@contextmanager
-def _current_store(uri: str) -> Iterator[None]:
-    """Make ``uri`` MLflow's current store, then restore exactly what was there before.
-
-    ``models:/`` URIs are looked up in the process-wide registry whatever ``tracking_uri`` says.
-    ``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI (and unsets it on None), so both
-    the module global and the variable are put back by hand.
-    """
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
-
-    saved_global, saved_variable = utils._tracking_uri, os.environ.get(ENV_TRACKING_URI)
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        utils._tracking_uri = saved_global
-        if saved_variable is None:
-            os.environ.pop(ENV_TRACKING_URI, None)
-        else:
-            os.environ[ENV_TRACKING_URI] = saved_variable
 
 
 def _saved_model_in(directory: Path, uri: str) -> Path:
@@ -152,7 +181,3 @@ def _pinned_requirements() -> list[str]:
             continue
         pinned.append(f"{package}=={version}")
     return pinned
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text and text.strip() else "unknown error"

@@ -23,14 +23,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from visionautoml.config import JobConfig
-from visionautoml.errors import TrackingError
-
-PRIMARY_METRIC = "mean_average_precision"
-METRIC_TAG_PREFIX = "metric."
-VALIDATION_DATASET_TAG = "dataset.validation"
-TRAINING_DATASET_TAG = "dataset.training"
-CANDIDATE_ALIAS = "candidate"
-CHAMPION_ALIAS = "champion"
+from visionautoml.errors import TrackingError, first_line
+from visionautoml.tracking.schema import CANDIDATE_ALIAS, CHAMPION_ALIAS, PRIMARY_METRIC, Tag
 
 
 @dataclass(frozen=True)
@@ -44,7 +38,7 @@ class ModelVersionInfo:
     created_ms: int = 0
 
     def metric(self, name: str = PRIMARY_METRIC) -> float | None:
-        value = self.tags.get(METRIC_TAG_PREFIX + name)
+        value = self.tags.get(Tag.METRIC_PREFIX + name)
         try:
             return float(value) if value is not None else None
         except ValueError:
@@ -123,7 +117,7 @@ def register_model(
             client.set_registered_model_alias(name, alias, version.version)
         return _version_info(client.get_model_version(name, version.version))
     except MlflowException as error:
-        raise TrackingError(f"cannot register {model_uri} as model '{name}': {_first_line(error)}") from None
+        raise TrackingError(f"cannot register {model_uri} as model '{name}': {first_line(error)}") from None
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -142,7 +136,7 @@ def set_alias(name: str, version: int, alias: str) -> ModelVersionInfo:
         return _version_info(client.get_model_version(name, str(version)))
     except MlflowException as error:
         raise TrackingError(
-            f"cannot set alias '{alias}' on model '{name}' version {version}: {_first_line(error)}. "
+            f"cannot set alias '{alias}' on model '{name}' version {version}: {first_line(error)}. "
             f"`visionautoml models show {name}` lists its versions"
         ) from None
 
@@ -157,7 +151,7 @@ def get_version(name: str, version: int | None = None, alias: str | None = None)
     except MlflowException as error:
         if alias is not None and _is_missing(error):
             return None
-        raise TrackingError(f"cannot read model '{name}': {_first_line(error)}") from None
+        raise TrackingError(f"cannot read model '{name}': {first_line(error)}") from None
 
 
 def promote_if_better(
@@ -193,7 +187,7 @@ def promote_if_better(
         )
 
     if value is None:
-        return decide(False, f"not promoted: version {version} has no '{METRIC_TAG_PREFIX}{metric}' tag")
+        return decide(False, f"not promoted: version {version} has no '{Tag.METRIC_PREFIX}{metric}' tag")
     if current is None:
         return decide(
             True, f"promoted: version {version} ({label} {value:.4f}) is the first '{alias}' of {name}"
@@ -208,7 +202,7 @@ def promote_if_better(
             f"with; candidate {label} {value:.4f}. Promote by hand: visionautoml models promote {name} "
             f"{version} --alias {alias}",
         )
-    ours, theirs = candidate.tags.get(VALIDATION_DATASET_TAG), current.tags.get(VALIDATION_DATASET_TAG)
+    ours, theirs = candidate.tags.get(Tag.VALIDATION_DATASET), current.tags.get(Tag.VALIDATION_DATASET)
     if _validation_key(candidate.tags) is None or _validation_key(candidate.tags) != _validation_key(
         current.tags
     ):
@@ -231,7 +225,7 @@ def promote_if_better(
 
 def _validation_key(tags: dict[str, str]) -> str | None:
     """What identifies a validation set: its content digest when tagged, else its version reference."""
-    return tags.get(VALIDATION_DATASET_TAG + ".digest") or tags.get(VALIDATION_DATASET_TAG)
+    return tags.get(Tag.dataset("validation", "digest")) or tags.get(Tag.VALIDATION_DATASET)
 
 
 def list_models() -> list[RegisteredModelInfo]:
@@ -239,7 +233,7 @@ def list_models() -> list[RegisteredModelInfo]:
     try:
         models = client.search_registered_models(max_results=1000)
     except MlflowException as error:
-        raise TrackingError(f"cannot list registered models: {_first_line(error)}") from None
+        raise TrackingError(f"cannot list registered models: {first_line(error)}") from None
     infos = []
     for model in sorted(models, key=lambda item: item.name):
         versions = [int(version.version) for version in model.latest_versions or []]
@@ -265,7 +259,7 @@ def list_versions(name: str) -> list[ModelVersionInfo]:
             raise TrackingError(
                 f"no registered model named '{name}'; `visionautoml models list` shows the registered ones"
             ) from None
-        raise TrackingError(f"cannot read model '{name}': {_first_line(error)}") from None
+        raise TrackingError(f"cannot read model '{name}': {first_line(error)}") from None
     # Searched versions come without their aliases; the registered model has them all.
     aliases: dict[int, list[str]] = {}
     for alias, number in (model.aliases or {}).items():
@@ -283,10 +277,43 @@ def _is_missing(error: Exception) -> bool:
     return getattr(error, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(error).lower()
 
 
-def _first_line(error: Exception) -> str:
-    text = getattr(error, "message", None) or str(error)
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+def registry_reference(uri: str) -> tuple[str, str] | None:
+    """(name, version) of a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI, else None.
+
+    The alias is looked up in the current store, so the answer names the version that a
+    load of the URI gets right now.
+    """
+    reference = uri.removeprefix("models:/").strip("/") if uri.startswith("models:/") else ""
+    name, alias = reference.split("@", 1) if "@" in reference else (reference, "")
+    if not alias:
+        name, _, version = reference.partition("/")
+        return (name, version) if version.isdigit() else None
+    try:
+        return name, str(_client().get_model_version_by_alias(name, alias).version)
+    except MlflowException as error:
+        raise TrackingError(
+            f"{uri}: no version of model '{name}' has alias '{alias}' ({first_line(error)}); "
+            "`visionautoml models list` shows the aliases"
+        ) from None
+
+
+def set_version_tags(name: str, version: int | str, tags: dict[str, str]) -> None:
+    client = _client()
+    try:
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(version), key, value)
+    except MlflowException as error:
+        raise TrackingError(f"cannot tag model '{name}' version {version}: {first_line(error)}") from None
+
+
+def use_store_for(config: Path | None, workspace: str | None) -> str | None:
+    """:func:`use_store` of a config file's store (its secrets resolved), or of a workspace's."""
+    from visionautoml.secrets import load_config_with_secrets
+
+    job = load_config_with_secrets(config) if config else JobConfig()
+    if workspace:
+        job = job.model_copy(update={"workspace": workspace})
+    return use_store(job)
 
 
 def use_store(job: JobConfig) -> str | None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from visionautoml.config import JobConfig
-from visionautoml.errors import TrackingError
-from visionautoml.tracking.auth import apply_credentials, scrub_credentials, server_name
+from visionautoml.errors import TrackingError, first_line
+from visionautoml.redact import scrub, strip_userinfo
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 
@@ -44,6 +46,9 @@ def sqlite_path(uri: str) -> Path | None:
 def connect(job: JobConfig, experiment_name: str | None = None) -> str:
     """Point MLflow at the job's store, create or reuse the experiment, and return its id.
 
+    Credentials are not this function's business: :func:`~visionautoml.tracking.auth.login` put
+    them into MLflow's environment once, when the job was settled.
+
     Experiments created here in a SQLite store keep their artifacts in ``artifacts/`` next to
     the database (``<workspace>/artifacts`` by default), so one folder holds the whole history;
     elsewhere the store's or server's own artifact root applies.
@@ -55,7 +60,6 @@ def connect(job: JobConfig, experiment_name: str | None = None) -> str:
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    apply_credentials(job)
 
     uri = resolve_tracking_uri(job)
     database = sqlite_path(uri)
@@ -79,7 +83,7 @@ def connect(job: JobConfig, experiment_name: str | None = None) -> str:
                 experiment_id = experiment.experiment_id
         elif experiment.lifecycle_stage == "deleted":
             raise TrackingError(
-                f"experiment '{name}' at {server_name(uri)} is deleted: restore it "
+                f"experiment '{name}' at {strip_userinfo(uri)} is deleted: restore it "
                 f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) "
                 "or set another experiment_name"
             )
@@ -88,8 +92,8 @@ def connect(job: JobConfig, experiment_name: str | None = None) -> str:
         mlflow.set_experiment(experiment_id=experiment_id)
     except MlflowException as error:
         raise TrackingError(
-            f"cannot use the MLflow tracking store {server_name(uri)} (experiment '{name}'): "
-            f"{scrub_credentials(_first_line(error.message))}. Check the URI (config tracking.uri or "
+            f"cannot use the MLflow tracking store {strip_userinfo(uri)} (experiment '{name}'): "
+            f"{scrub(first_line(error))}. Check the URI (config tracking.uri or "
             "MLFLOW_TRACKING_URI) and the server's credentials"
         ) from None
     return experiment_id
@@ -100,5 +104,24 @@ def current_tracking_uri() -> str:
     return _connected_uri or resolve_tracking_uri(JobConfig())
 
 
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else "unknown error"
+@contextmanager
+def use_tracking_uri(uri: str) -> Iterator[None]:
+    """Make ``uri`` MLflow's current store, then restore exactly what was there before.
+
+    ``models:/`` URIs are looked up in the process-wide registry whatever ``tracking_uri`` says.
+    ``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI (and unsets it on None), so both
+    the module global and the variable are put back by hand.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_global, saved_variable = utils._tracking_uri, os.environ.get(ENV_TRACKING_URI)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = saved_global
+        if saved_variable is None:
+            os.environ.pop(ENV_TRACKING_URI, None)
+        else:
+            os.environ[ENV_TRACKING_URI] = saved_variable

@@ -28,8 +28,8 @@ from torchvision.transforms.v2 import functional as F
 
 from visionautoml.config import TrainingParameters
 from visionautoml.data.annotations import Dataset, ImageRecord
+from visionautoml.data.images import decode_image_file
 from visionautoml.errors import DataError
-from visionautoml.models.imageio import decode_image_file
 from visionautoml.models.zoo import InputSize, get_entry
 
 CACHE_BYTES = 1 << 30

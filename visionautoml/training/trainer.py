@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from visionautoml.config import TrainingParameters
-from visionautoml.errors import TrainingError
+from visionautoml.errors import TrainingError, first_line
 from visionautoml.files import atomic_path
+from visionautoml.progress import progress_bar
+from visionautoml.tracking.schema import PRIMARY_METRIC
 
-PRIMARY_METRIC = "mean_average_precision"
 CHECKPOINT_FORMAT = 1
 
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
@@ -282,17 +283,8 @@ def _train_one_epoch(
 
 
 def _progress(console: Console | None) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[loss]}"),
-        console=console,
-        # Off where nobody watches (CI logs, Ray workers): there the per-evaluation line says enough.
-        disable=console is None or not console.is_terminal,
-        transient=True,
-    )
+    # A terminal shows the bar; a log (CI, a Ray worker) gets a line now and then from progress_bar.
+    return progress_bar(console or Console(stderr=True, quiet=True), fields=("loss",))
 
 
 def _summary_line(
@@ -360,7 +352,7 @@ def _load_checkpoint(
         scaler.load_state_dict(checkpoint["scaler"])
     except Exception as error:  # a truncated file, another model's weights, an old format
         raise TrainingError(
-            f"{path}: cannot resume from this checkpoint ({_first_line(error)}). Delete the folder "
+            f"{path}: cannot resume from this checkpoint ({first_line(error)}). Delete the folder "
             f"{path.parent} to start the run from scratch"
         ) from None
     return _State(
@@ -371,8 +363,3 @@ def _load_checkpoint(
         evaluations_without_improvement=int(checkpoint["evaluations_without_improvement"]),
         stop_reason=checkpoint["stop_reason"],
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

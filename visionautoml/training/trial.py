@@ -17,9 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,41 +31,25 @@ from torch.utils.data import DataLoader
 
 from visionautoml.config import JobConfig, TrainingParameters
 from visionautoml.data.annotations import Dataset
-from visionautoml.data.formats import read_dataset
-from visionautoml.data.formats.jsonl import TRAIN_FILE, VALIDATION_FILE
-from visionautoml.data.split import split_fraction
+from visionautoml.data.sources import TrainingData, resolve_training_data
 from visionautoml.data.stats import compute_stats
-from visionautoml.data.versions import (
-    VERSION_FILE,
-    DatasetStore,
-    dataset_digest,
-    default_store_root,
-    image_sha256,
-    parse_ref,
-)
-from visionautoml.errors import DataError, VisionAutoMLError
+from visionautoml.data.versions import default_store_root
+from visionautoml.errors import VisionAutoMLError
+from visionautoml.evaluation.scoring import Evaluation, evaluate_predictions, write_evaluation
 from visionautoml.files import atomic_write_text
 from visionautoml.models.saved import ModelSpec, save_model
-from visionautoml.models.zoo import build_model
-from visionautoml.tracking.auth import scrub_credentials, scrubbed_tracking_errors
-from visionautoml.tracking.models import log_saved_model
-from visionautoml.tracking.workspace import connect, resolve_tracking_uri, workspace_dir
+from visionautoml.models.zoo import build_model, concrete_parameters
+from visionautoml.redact import scrub
+from visionautoml.tracking.runs import TrialRun, is_active_run
+from visionautoml.tracking.schema import PRIMARY_METRIC, Artifact, RunStatus, Tag, git_commit, metric_safe
+from visionautoml.tracking.workspace import connect, workspace_dir
 from visionautoml.training.dataset import make_data_loader
-from visionautoml.training.evaluate import Evaluation, evaluate_predictions, predict_loader, write_evaluation
-from visionautoml.training.trainer import (
-    PRIMARY_METRIC,
-    checkpoint_paths,
-    default_device,
-    fit,
-    seed_everything,
-)
+from visionautoml.training.evaluate import predict_loader
+from visionautoml.training.trainer import checkpoint_paths, default_device, fit, seed_everything
 
 log = logging.getLogger(__name__)
 
-FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
-FAILURE_TAG = "failure_reason"
 RUN_FILE = "run.json"
-_MAX_TAG_LENGTH = 5000
 
 Reporter = Callable[[int, dict[str, float]], "bool | None"]
 
@@ -124,18 +106,6 @@ class _Scores:
     best: Evaluation | None = None
 
 
-DATASETS_ARTIFACT = "data/datasets.json"
-
-
-@dataclass
-class TrialData:
-    """The two datasets of a trial and how to name them in tags (store version or content digest)."""
-
-    training: Dataset
-    validation: Dataset
-    tags: dict[str, str]
-
-
 def run_trial(
     job: JobConfig,
     *,
@@ -150,73 +120,63 @@ def run_trial(
     reports); returning True stops the trial after that evaluation, keeping its best model.
     ``parent_run_id`` nests the run under a sweep's run.
     """
-    import mlflow
-
-    params = params or job.training_parameters
+    params = concrete_parameters(params or job.training_parameters)
     console = Console(stderr=True)
     checkpoint_dir = workspace_dir(job) / "checkpoints" / _trial_key(job, params)
     connect(job)
-    resumed_run_id = _resumable_run(checkpoint_dir)
-    with scrubbed_tracking_errors(resolve_tracking_uri(job)):  # no run to record a failure in yet
-        run = mlflow.start_run(
-            run_id=resumed_run_id,
-            run_name=None if resumed_run_id else run_name,
-            parent_run_id=None if resumed_run_id else parent_run_id,
-            nested=mlflow.active_run() is not None,
-        )
-    run_id = run.info.run_id
-    if FAILURE_TAG in run.data.tags:  # the reason the resumed attempt stopped no longer holds
-        mlflow.delete_tag(FAILURE_TAG)
-    status = FAILED
+    run = TrialRun.open(
+        resume_run_id=_resumable_run(checkpoint_dir), run_name=run_name, parent_run_id=parent_run_id
+    )
+    run.delete_tag(Tag.FAILURE_REASON)  # the reason a resumed attempt stopped no longer holds
+    status = RunStatus.FAILED
     try:
-        result = _train_and_log(job, params, run_id, checkpoint_dir, reporter, console)
-        status = FINISHED
+        result = _train_and_log(job, params, run, checkpoint_dir, reporter, console)
+        status = RunStatus.FINISHED
         return result
     except KeyboardInterrupt:
-        status = KILLED
-        mlflow.set_tag(
-            FAILURE_TAG, "interrupted; run the same trial again to resume from the last checkpoint"
+        status = RunStatus.KILLED
+        run.set_tags(
+            {Tag.FAILURE_REASON: "interrupted; run the same trial again to resume from the last checkpoint"}
         )
         raise
     except VisionAutoMLError as error:
-        reason = scrub_credentials(str(error))
+        reason = scrub(str(error))
     except Exception as error:  # a bug must not end a sweep either; keep its traceback in the log
-        log.exception("trial %s failed", run_id)
-        reason = scrub_credentials(f"{type(error).__name__}: {error}")
+        log.exception("trial %s failed", run.run_id)
+        reason = scrub(f"{type(error).__name__}: {error}")
     finally:
-        mlflow.end_run(status)
-    _record_failure(run_id, reason)
-    return TrialResult(run_id, None, {}, FAILED, reason)
+        run.end(status)
+    run.record_failure(reason)
+    return TrialResult(run.run_id, None, {}, RunStatus.FAILED, reason)
 
 
 def _train_and_log(
     job: JobConfig,
     params: TrainingParameters,
-    run_id: str,
+    run: TrialRun,
     checkpoint_dir: Path,
     reporter: Reporter | None,
     console: Console,
 ) -> TrialResult:
-    import mlflow
-
     started = time.monotonic()
     data = load_trial_data(job, params)
-    _adopt_checkpoints(checkpoint_dir, run_id, data.tags)
+    data_tags = dataset_tags(data)
+    _adopt_checkpoints(checkpoint_dir, run.run_id, data_tags)
     classes = list(data.training.classes)
     tags = {
-        **data.tags,
-        "model_name": params.model_name,
-        "config_fingerprint": job.fingerprint(),
-        "classes": json.dumps(classes),
+        **data_tags,
+        Tag.MODEL_NAME: params.model_name,
+        Tag.CONFIG_HASH: job.fingerprint(),
+        Tag.CLASSES: json.dumps(classes),
     }
     commit = git_commit()
     if commit:
-        tags["git_commit"] = commit
-    mlflow.set_tags(tags)
-    mlflow.log_params(flat_params(params))
-    mlflow.log_dict(dataset_counts(data), DATASETS_ARTIFACT)
+        tags[Tag.GIT_COMMIT] = commit
+    run.set_tags(tags)
+    run.log_params(flat_params(params))
+    run.log_json(dataset_counts(data), Artifact.DATASETS)
     console.print(
-        f"trial {run_id}: {params.model_name} on {len(data.training.images)} training / "
+        f"trial {run.run_id}: {params.model_name} on {len(data.training.images)} training / "
         f"{len(data.validation.images)} validation images, classes {', '.join(classes)}",
         soft_wrap=True,
     )
@@ -236,7 +196,7 @@ def _train_and_log(
     def on_evaluation(epoch: int, metrics: dict[str, Any]) -> bool:
         latest = scores.latest
         assert latest is not None
-        mlflow.log_metrics(flat_metrics(latest.metrics), step=epoch)  # the losses went in on_epoch
+        run.log_metrics(flat_metrics(latest.metrics), step=epoch)  # the losses went in on_epoch
         if scores.best is None or latest.metrics[PRIMARY_METRIC] > scores.best.metrics[PRIMARY_METRIC]:
             scores.best = latest
         return bool(reporter(epoch, flat_metrics(metrics))) if reporter else False
@@ -247,7 +207,7 @@ def _train_and_log(
         evaluate,
         params,
         checkpoint_dir,
-        on_epoch=lambda epoch, losses: mlflow.log_metrics(losses, step=epoch),
+        on_epoch=lambda epoch, losses: run.log_metrics(losses, step=epoch),
         on_evaluation=on_evaluation,
         device=device,
         console=console,
@@ -258,29 +218,29 @@ def _train_and_log(
         evaluation = scores.latest
 
     summary = {
-        "best_epoch": str(outcome.best_epoch),
-        "stop_reason": outcome.stop_reason,
-        "epochs_completed": str(outcome.epochs_completed),
+        Tag.BEST_EPOCH: str(outcome.best_epoch),
+        Tag.STOP_REASON: outcome.stop_reason,
+        Tag.EPOCHS_COMPLETED: str(outcome.epochs_completed),
     }
-    mlflow.set_tags(summary)
-    mlflow.log_metrics(
+    run.set_tags(summary)
+    run.log_metrics(
         {f"best_{key}": value for key, value in flat_metrics(evaluation.metrics).items()},
         step=outcome.best_epoch,
     )
-    mlflow.log_metric("training_minutes", (time.monotonic() - started) / 60)
+    run.log_metrics({"training_minutes": (time.monotonic() - started) / 60})
     with tempfile.TemporaryDirectory(prefix="visionautoml-trial-") as scratch:
         saved = save_model(model, ModelSpec.from_params(params, classes), Path(scratch) / "model")
         evaluation_dir = Path(scratch) / "evaluation"
         write_evaluation(evaluation_dir, evaluation)
         _write_plots(evaluation_dir, evaluation, data.validation)
-        mlflow.log_artifacts(str(evaluation_dir), artifact_path="evaluation")
-        model_uri = log_saved_model(saved)
+        run.log_folder(evaluation_dir, Artifact.EVALUATION_DIR)
+        model_uri = run.log_model(saved)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return TrialResult(
-        run_id=run_id,
+        run_id=run.run_id,
         model_uri=model_uri,
         metrics=evaluation.metrics,
-        status=FINISHED,
+        status=RunStatus.FINISHED,
         best_epoch=outcome.best_epoch,
         stop_reason=outcome.stop_reason,
         tags={**tags, **summary},
@@ -290,7 +250,31 @@ def _train_and_log(
 # --- data ---------------------------------------------------------------------------------------
 
 
-def dataset_counts(data: TrialData) -> dict[str, dict[str, Any]]:
+def load_trial_data(job: JobConfig, params: TrainingParameters) -> TrainingData:
+    """The trial's datasets, through the one resolver of every command (:mod:`visionautoml.data.sources`)."""
+    return resolve_training_data(
+        job.training_data,
+        job.validation_data,
+        validation_data_size=job.validation_data_size,
+        seed=params.seed,
+        store_root=default_store_root(job.workspace),
+        datastore_root=Path(job.datastore_root) if job.datastore_root else None,
+    )
+
+
+def dataset_tags(data: TrainingData) -> dict[str, str]:
+    """The run's dataset tags: version (or digest), digest and where the files were, per role."""
+    tags = {}
+    for role in ("training", "validation"):
+        tags[Tag.dataset(role)] = data.reference(role)
+        tags[Tag.dataset(role, "digest")] = data.digest(role)
+        tags[Tag.dataset(role, "path")] = data.location(role)
+    if data.split_of:
+        tags[Tag.DATASET_SOURCE] = data.split_of
+    return tags
+
+
+def dataset_counts(data: TrainingData) -> dict[str, dict[str, Any]]:
     """Images, boxes and boxes per class of both datasets: the report shows them from the run alone."""
     counts = {}
     for role, dataset in (("training", data.training), ("validation", data.validation)):
@@ -303,101 +287,7 @@ def dataset_counts(data: TrialData) -> dict[str, dict[str, Any]]:
     return counts
 
 
-def load_trial_data(job: JobConfig, params: TrainingParameters) -> TrialData:
-    """Read ``training_data`` and ``validation_data`` (any format, a converted folder, or a store ref).
-
-    A folder written by ``data convert`` holds ``train_annotations.jsonl`` and
-    ``validation_annotations.jsonl``: given as ``training_data`` it supplies both. Without
-    validation data, ``validation_data_size`` of the training images are split off
-    deterministically (by name and ``seed``).
-    """
-    if not job.training_data:
-        raise DataError(
-            "no training data: set training_data in the config or pass --training-data "
-            "(a dataset folder or file in any format, a `data convert` output folder, or a registered "
-            "NAME:VERSION)"
-        )
-    store_root = default_store_root(job.workspace)
-    training_source = _locate(job.training_data, store_root)
-    training_path = training_source.path
-    validation_source = job.validation_data
-    if validation_source is None and training_path.is_dir() and (training_path / VALIDATION_FILE).is_file():
-        validation_source = str(training_path / VALIDATION_FILE)
-    if training_path.is_dir() and (training_path / TRAIN_FILE).is_file():
-        training_path = training_path / TRAIN_FILE
-
-    training = read_dataset(training_path)
-    if not training.images:
-        raise DataError(f"{training_path}: no annotated images; training needs at least one")
-    tags = {"dataset.training.path": str(training_path)}
-    if validation_source is None:
-        training, validation = split_fraction(training, job.validation_data_size, params.seed)
-        # Each is a part of what was given, so neither is that version nor has its digest.
-        if training_source.ref:
-            tags["dataset.source"] = training_source.ref
-        training_source = validation_origin = _Source(training_path)
-        tags["dataset.validation.path"] = f"{training_path} (validation_data_size {job.validation_data_size})"
-    else:
-        validation_origin = _locate(validation_source, store_root)
-        validation_path = validation_origin.path
-        if validation_path.is_dir() and (validation_path / VALIDATION_FILE).is_file():
-            validation_path = validation_path / VALIDATION_FILE
-        validation = read_dataset(validation_path, classes=list(training.classes))
-        tags["dataset.validation.path"] = str(validation_path)
-    if not validation.images:
-        raise DataError(
-            f"no validation images (from {validation_source or training_path}); give validation_data or a "
-            "larger validation_data_size"
-        )
-    for role, dataset, origin in (
-        ("training", training, training_source),
-        ("validation", validation, validation_origin),
-    ):
-        digest = origin.digest or content_digest(dataset)
-        tags[f"dataset.{role}.digest"] = digest
-        tags[f"dataset.{role}"] = origin.ref or f"sha256:{digest[:16]}"
-    return TrialData(training, validation, tags)
-
-
-def content_digest(dataset: Dataset) -> str:
-    """The dataset store's digest of this content: equal for equal images and boxes, whatever the format."""
-    hashes = {image.name: image_sha256(image.path) for image in dataset.images}
-    return dataset_digest(dataset, hashes)
-
-
-@dataclass(frozen=True)
-class _Source:
-    """Where a dataset was read from; ``ref`` and ``digest`` when it is a dataset-store version."""
-
-    path: Path
-    ref: str | None = None
-    digest: str | None = None
-
-
-def _locate(source: str, store_root: str) -> _Source:
-    """A path as given (inside the store or not), or the JSONL of a registered ``NAME`` / ``NAME:VERSION``."""
-    path = Path(source).expanduser()
-    if path.exists():
-        version_file = (path if path.is_dir() else path.parent) / VERSION_FILE
-        try:
-            info = json.loads(version_file.read_text(encoding="utf-8"))
-            return _Source(path, f"{info['name']}:{info['version']}", str(info["digest"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            return _Source(path)
-    try:
-        name, version = parse_ref(source)
-        registered = DatasetStore(store_root).get(name, version) if Path(store_root).is_dir() else None
-    except DataError:
-        registered = None
-    if registered is not None:
-        return _Source(Path(registered.annotations), registered.ref, registered.digest)
-    raise DataError(
-        f"{source}: no such file or folder, nor a dataset registered in {store_root}. Give a dataset "
-        "folder or file, a `data convert` output folder, or NAME[:VERSION] of `visionautoml data list`"
-    )
-
-
-def make_loaders(data: TrialData, params: TrainingParameters) -> tuple[DataLoader, DataLoader]:
+def make_loaders(data: TrainingData, params: TrainingParameters) -> tuple[DataLoader, DataLoader]:
     return (
         make_data_loader(data.training, params, train=True),
         make_data_loader(data.validation, params, train=False),
@@ -419,28 +309,6 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def metric_safe(name: str) -> str:
-    """MLflow metric names allow letters, digits, ``_ - . /`` and spaces only."""
-    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
-
-
-def git_commit(directory: Path | None = None) -> str | None:
-    """The commit of the git checkout around ``directory`` (default: the working directory), if any."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=directory,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = result.stdout.strip()
-    return commit if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
-
-
 def _trial_key(job: JobConfig, params: TrainingParameters) -> str:
     identity = {
         "job": job.fingerprint(),
@@ -453,17 +321,13 @@ def _trial_key(job: JobConfig, params: TrainingParameters) -> str:
 
 def _resumable_run(checkpoint_dir: Path) -> str | None:
     """The MLflow run an interrupted trial with these checkpoints was logging to, if it is still there."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     if not checkpoint_paths(checkpoint_dir)[1].is_file():
         return None  # it failed before its first checkpoint: nothing to resume
     try:
         recorded = json.loads((checkpoint_dir / RUN_FILE).read_text(encoding="utf-8"))["run_id"]
-        run = mlflow.get_run(recorded)
-    except (OSError, ValueError, KeyError, TypeError, MlflowException):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return recorded if run.info.lifecycle_stage == "active" else None
+    return recorded if isinstance(recorded, str) and is_active_run(recorded) else None
 
 
 def _adopt_checkpoints(checkpoint_dir: Path, run_id: str, data_tags: dict[str, str]) -> None:
@@ -484,18 +348,9 @@ def _adopt_checkpoints(checkpoint_dir: Path, run_id: str, data_tags: dict[str, s
 
 def _write_plots(out_dir: Path, evaluation: Evaluation, dataset: Dataset) -> None:
     """Diagnostic plots are a help, not the result: a failure to draw them must not fail the trial."""
-    from visionautoml.training.plots import write_trial_plots
+    from visionautoml.reports.plots import write_trial_plots
 
     try:
         write_trial_plots(out_dir / "plots", evaluation, dataset)
     except Exception:
         log.warning("could not draw the trial's plots", exc_info=True)
-
-
-def _record_failure(run_id: str, reason: str) -> None:
-    from mlflow import MlflowClient
-
-    try:
-        MlflowClient().set_tag(run_id, FAILURE_TAG, reason[:_MAX_TAG_LENGTH])
-    except Exception:
-        log.warning("could not record the failure reason on run %s", run_id, exc_info=True)

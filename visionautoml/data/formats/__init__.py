@@ -36,6 +36,7 @@ __all__ = [
     "detect_format",
     "read_dataset",
     "render_dataset",
+    "without_skipped",
     "write_dataset",
 ]
 
@@ -76,6 +77,8 @@ def read_dataset(
     problems: ProblemLog | None = None,
     classes: list[str] | None = None,
     datastore_root: Path | None = None,
+    image_root: Path | None = None,
+    drop_invalid: bool = False,
 ) -> Dataset:
     """Read any format into the canonical model.
 
@@ -83,6 +86,14 @@ def read_dataset(
     could be read (unusable images and boxes are left out); without one, any error raises
     a :class:`DataError` listing all of them. ``classes`` fixes the class list (and its
     order); a label outside it is an error.
+
+    Paths in the annotations must stay inside the dataset (see ``_paths.py``);
+    ``image_root`` names another folder that holds the images, for annotation files that
+    point out of their own folder and are trusted. Zero-area boxes are dropped and boxes
+    leaving their image clipped, with a warning each. With ``drop_invalid`` an image with
+    an error that no rule repairs (an unusable box, a missing image, a malformed file) is
+    left out with a warning instead of failing the dataset; errors of the dataset as a
+    whole still fail it. The source is never modified.
     """
     root = Path(os.path.abspath(path))
     fmt = detect_format(root) if format == "auto" else format
@@ -91,14 +102,27 @@ def read_dataset(
     if not root.exists():
         raise DataError(f"{path}: no such file or folder")
     log = problems if problems is not None else ProblemLog()
-    dataset = READERS[fmt](root, log, datastore_root=datastore_root)
+    if image_root is not None:
+        image_root = Path(os.path.abspath(image_root))
+    dataset = READERS[fmt](root, log, datastore_root=datastore_root, image_root=image_root)
     if classes is not None:
         dataset = _with_class_list(dataset, classes, log)
     _check_class_names(dataset, root, log)
     dataset = _without_duplicates(dataset, log)
+    if drop_invalid:
+        dataset = without_skipped(dataset, log)
     if problems is None:
         log.raise_if_errors(f"reading {path}")
     return dataset
+
+
+def without_skipped(dataset: Dataset, problems: ProblemLog) -> Dataset:
+    """``dataset`` without the images its errors concern; those errors become warnings (drop_invalid)."""
+    skipped = problems.skip_records()
+    if not skipped:
+        return dataset
+    kept = [image for image in dataset.images if str(image.path) not in skipped]
+    return Dataset(kept, dataset.classes)
 
 
 def render_dataset(dataset: Dataset, out_dir: str | Path, format: str, **options: object) -> Rendered:
@@ -133,6 +157,7 @@ def _with_class_list(dataset: Dataset, classes: list[str], problems: ProblemLog)
                     "fix the label or add the class",
                     line=line,
                     field="label",
+                    record=image.path,
                 )
         image.boxes = kept
         images.append(image)
@@ -158,6 +183,7 @@ def _without_duplicates(dataset: Dataset, problems: ProblemLog) -> Dataset:
                 file,
                 f"image {image.path} is annotated twice (also in {first[image.name].source}); keep one",
                 line=line,
+                record=image.path,
             )
         else:
             first[image.name] = image

@@ -1,7 +1,8 @@
 """Helpers every format shares: box checks, file listing, image names, atomic multi-file output.
 
 Kept here so that each format module is only the mapping between its files and the
-canonical model, and so that every format reports the same problem the same way.
+canonical model, and so that every format reports the same problem the same way. Where
+paths from data may lead is ``_paths.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path, PurePath
 from typing import NamedTuple
 
 from visionautoml.data.annotations import Box
-from visionautoml.data.problems import ProblemLog
+from visionautoml.data.formats._paths import record_provenance, safe_relative
+from visionautoml.data.problems import ProblemLog, Repair
 from visionautoml.errors import DataError
 from visionautoml.files import atomic_path
 
@@ -72,33 +74,66 @@ def checked_box(
     height: int,
     *,
     line: int | None = None,
+    record: object = None,
 ) -> Box | None:
-    """The box if it has a positive area inside the image, else None with the problem recorded."""
+    """The box, repaired where that is safe, or None with the problem recorded.
+
+    A zero-area box (a click without a drag) marks nothing and is dropped; a box that
+    leaves the image is clipped to it. Both are warnings naming the box, so one stray
+    click among thousands does not refuse a dataset the user cannot edit. An inverted
+    box, one wholly outside the image or one without a label says the annotation is wrong
+    in a way no rule can fix: an error, against ``record`` (the image it spoils).
+    """
     xmin, ymin, xmax, ymax = coordinates
+    shown = f"({_fmt(xmin)}, {_fmt(ymin)}, {_fmt(xmax)}, {_fmt(ymax)})"
     if not label:
-        problems.error(file, "the label is empty; give every box a class name", line=line, field=field)
+        problems.error(
+            file, "the label is empty; give every box a class name", line=line, field=field, record=record
+        )
         return None
-    if xmax <= xmin or ymax <= ymin:
+    if xmax < xmin or ymax < ymin:
         problems.error(
             file,
-            f"box '{label}' ({_fmt(xmin)}, {_fmt(ymin)}, {_fmt(xmax)}, {_fmt(ymax)}) has zero or negative "
-            "area: the max corner must be right of and below the min corner; fix or delete the box",
+            f"box '{label}' {shown} has negative area: the max corner must be right of and below the min "
+            "corner; fix or delete the box",
             line=line,
             field=field,
+            record=record,
+        )
+        return None
+    if xmax == xmin or ymax == ymin:
+        problems.warning(
+            file,
+            f"box '{label}' {shown} has zero area; it is dropped (the source is not changed)",
+            line=line,
+            field=field,
+            repair=Repair.DROPPED_BOX,
         )
         return None
     xmin, ymin = _snap(xmin, 0.0), _snap(ymin, 0.0)
     xmax, ymax = _snap(xmax, float(width)), _snap(ymax, float(height))
-    if xmin < 0 or ymin < 0 or xmax > width or ymax > height:
+    if xmin >= 0 and ymin >= 0 and xmax <= width and ymax <= height:
+        return Box(xmin, ymin, xmax, ymax, label, iscrowd)
+    clipped = (max(xmin, 0.0), max(ymin, 0.0), min(xmax, float(width)), min(ymax, float(height)))
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
         problems.error(
             file,
-            f"box '{label}' ({_fmt(xmin)}, {_fmt(ymin)}, {_fmt(xmax)}, {_fmt(ymax)}) lies outside the "
-            f"{width}x{height} image; fix the coordinates or the image size",
+            f"box '{label}' {shown} lies wholly outside the {width}x{height} image; fix the coordinates "
+            "or the image size",
             line=line,
             field=field,
+            record=record,
         )
         return None
-    return Box(xmin, ymin, xmax, ymax, label, iscrowd)
+    problems.warning(
+        file,
+        f"box '{label}' {shown} extends outside the {width}x{height} image; it is clipped to "
+        f"({', '.join(_fmt(value) for value in clipped)}) (the source is not changed)",
+        line=line,
+        field=field,
+        repair=Repair.CLIPPED,
+    )
+    return Box(*clipped, label, iscrowd)
 
 
 def _snap(value: float, edge: float) -> float:
@@ -130,59 +165,6 @@ def location(source: str) -> tuple[str, int | None]:
     """(file, line) from an :class:`ImageRecord` source, which is ``file`` or ``file:line``."""
     file, separator, line = source.rpartition(":")
     return (file, int(line)) if separator and line.isdigit() else (source, None)
-
-
-def list_files(root: Path) -> list[str]:
-    """Every file under ``root`` as a relative POSIX path, sorted; hidden entries are skipped.
-
-    ``os.scandir`` rather than ``Path.rglob``: listing is on the hot path of converting
-    tens of thousands of files.
-    """
-    found: list[str] = []
-    pending = [("", str(root))]
-    while pending:
-        prefix, directory = pending.pop()
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            name = entry.name
-            if name[0] == ".":
-                continue
-            if entry.is_dir():
-                pending.append((f"{prefix}{name}/", entry.path))
-            else:
-                found.append(prefix + name)
-    found.sort()
-    return found
-
-
-def files_by_name(root: Path) -> dict[str, Path]:
-    """Every file under ``root`` by relative POSIX name, with its path; hidden entries are skipped.
-
-    Paths come from ``Path.iterdir``, which builds them without re-parsing: on a large
-    dataset that is a good part of a reader's time. ``os.scandir`` says which are folders.
-    """
-    found: dict[str, Path] = {}
-    pending = [("", root)]
-    while pending:
-        prefix, folder = pending.pop()
-        try:
-            children = list(folder.iterdir())
-            with os.scandir(folder) as entries:
-                folders = {entry.name for entry in entries if entry.is_dir()}
-        except OSError:
-            continue
-        for child in children:
-            name = child.name
-            if name[0] == ".":
-                continue
-            if name in folders:
-                pending.append((f"{prefix}{name}/", child))
-            else:
-                found[prefix + name] = child
-    return found
 
 
 def is_image_name(name: str) -> bool:
@@ -237,15 +219,22 @@ def unique_stems(names: Iterable[str], fmt: str) -> None:
 
 
 class Rendered(NamedTuple):
-    """A writer's output, not yet on disk: POSIX paths relative to the output folder."""
+    """A writer's output, not yet on disk: POSIX paths relative to the output folder.
+
+    ``external`` names the annotation files whose image paths lead out of their folder
+    (``image_url`` / ``file_name`` relative to the output, images left where they are) and
+    the folder holding those images, so :func:`commit` can record that this tool wrote them.
+    """
 
     files: dict[str, bytes]
     copies: dict[str, Path]
+    external: tuple[tuple[str, str], ...] = ()
 
     def under(self, folder: str) -> Rendered:
         return Rendered(
             {f"{folder}/{key}": value for key, value in self.files.items()},
             {f"{folder}/{key}": value for key, value in self.copies.items()},
+            tuple((f"{folder}/{key}", root) for key, root in self.external),
         )
 
 
@@ -254,10 +243,14 @@ def commit(out_dir: Path, *outputs: Rendered) -> list[Path]:
 
     A failure leaves ``out_dir`` as it was. Top-level folders (``images/``,
     ``annotations/`` ...) are replaced whole so no stale file from an earlier run remains;
-    anything else already in ``out_dir`` is left alone.
+    anything else already in ``out_dir`` is left alone. Every path is checked to stay
+    inside ``out_dir`` before anything is written.
     """
-    files = {key: value for output in outputs for key, value in output.files.items()}
-    copies = {key: value for output in outputs for key, value in output.copies.items()}
+    files = {safe_relative(key, out_dir): value for output in outputs for key, value in output.files.items()}
+    copies = {
+        safe_relative(key, out_dir): value for output in outputs for key, value in output.copies.items()
+    }
+    external = {key: root for output in outputs for key, root in output.external}
     tops: dict[str, bool] = {}
     for relative in [*files, *copies]:
         top, separator, _ = relative.partition("/")
@@ -283,6 +276,7 @@ def commit(out_dir: Path, *outputs: Rendered) -> list[Path]:
                 destination(relative).write_bytes(data)
             for relative, source in copies.items():
                 shutil.copyfile(source, destination(relative))
+        record_provenance(out_dir, list(files), external)
     except OSError as error:
         raise DataError(f"cannot write to {out_dir}: {error}; check the folder and its permissions") from None
     return [out_dir / top for top in sorted(tops)]

@@ -21,6 +21,7 @@ from visionautoml.data.formats._common import (
     names_under_common_folder,
     number,
 )
+from visionautoml.data.formats._paths import DataRoot, PathRefused, external_root, trusted_image_root
 from visionautoml.data.problems import ProblemLog
 from visionautoml.errors import DataError
 
@@ -36,7 +37,11 @@ def annotation_file(path: Path) -> Path | None:
     return candidates[0] if len(candidates) == 1 else None
 
 
-def read(path: Path, problems: ProblemLog, *, datastore_root: Path | None = None) -> Dataset:
+def read(
+    path: Path, problems: ProblemLog, *, datastore_root: Path | None = None, image_root: Path | None = None
+) -> Dataset:
+    """``file_name`` must stay inside the JSON's folder, ``image_root`` when given, or the image
+    folder ``data convert`` recorded when it wrote the file."""
     file = annotation_file(path)
     if file is None:
         raise DataError(f"{path}: no COCO file found; pass the JSON file or a folder with {ANNOTATION_FILE}")
@@ -57,7 +62,9 @@ def read(path: Path, problems: ProblemLog, *, datastore_root: Path | None = None
             problems.error(file, "must be a list", field=key)
             return Dataset([], [])
     categories = _categories(sections["categories"], file, problems)
-    images = _images(sections["images"], file, problems)
+    trusted = trusted_image_root(file) if image_root is None else None
+    root = DataRoot(image_root or trusted or file.parent)
+    images = _images(sections["images"], file, root, problems)
     for index, annotation in enumerate(sections["annotations"]):
         _annotation(annotation, f"annotations[{index}]", images, categories, file, problems)
     records = list(images.values())
@@ -86,37 +93,54 @@ def _categories(entries: list[object], file: Path, problems: ProblemLog) -> dict
     return categories
 
 
-def _images(entries: list[object], file: Path, problems: ProblemLog) -> dict[object, ImageRecord]:
+def _images(
+    entries: list[object], file: Path, root: DataRoot, problems: ProblemLog
+) -> dict[object, ImageRecord]:
     images: dict[object, ImageRecord] = {}
     for index, entry in enumerate(entries):
         field = f"images[{index}]"
+        record = f"{file} [{field}]"
         if not isinstance(entry, dict):
-            problems.error(file, "each image must be an object {id, file_name, width, height}", field=field)
+            problems.error(
+                file,
+                "each image must be an object {id, file_name, width, height}",
+                field=field,
+                record=record,
+            )
             continue
         image_id, file_name = entry.get("id"), entry.get("file_name")
         if not isinstance(image_id, int | str) or isinstance(image_id, bool) or image_id in images:
-            problems.error(file, f"missing, invalid or repeated id {image_id!r}", field=f"{field}.id")
+            problems.error(
+                file, f"missing, invalid or repeated id {image_id!r}", field=f"{field}.id", record=record
+            )
             continue
         if not isinstance(file_name, str) or not file_name.strip():
-            problems.error(file, "missing; give the image's path", field=f"{field}.file_name")
+            problems.error(file, "missing; give the image's path", field=f"{field}.file_name", record=record)
             continue
-        path = _image_path(file.parent, file_name.strip())
-        if path is None:
-            problems.error(file, f"image not found: {file.parent / file_name}", field=f"{field}.file_name")
+        try:
+            path = _image_path(file.parent, file_name.strip(), root)
+        except PathRefused as refused:
+            problems.error(file, str(refused), field=f"{field}.file_name", record=record)
             continue
         width, height = image_size(entry.get("width")), image_size(entry.get("height"))
         if not width or not height:
-            problems.error(file, "width and height must be positive whole numbers", field=field)
+            problems.error(file, "width and height must be positive whole numbers", field=field, record=path)
             continue
         images[image_id] = ImageRecord("", path, width, height, [], str(file))
     return images
 
 
-def _image_path(base: Path, file_name: str) -> Path | None:
-    for candidate in (base / file_name, base / "images" / file_name):
-        if candidate.is_file():
-            return Path(os.path.abspath(candidate))
-    return None
+def _image_path(base: Path, file_name: str, root: DataRoot) -> Path:
+    """``file_name`` beside the JSON, else in its ``images/`` folder (the layout this module writes)."""
+    try:
+        return root.file(file_name, base)
+    except PathRefused as refused:
+        if "not found" not in str(refused) or os.path.isabs(file_name):
+            raise
+        try:
+            return root.file(file_name, base / "images")
+        except PathRefused:
+            raise refused from None
 
 
 def _annotation(
@@ -128,12 +152,15 @@ def _annotation(
     problems: ProblemLog,
 ) -> None:
     if not isinstance(entry, dict):
-        problems.error(file, "each annotation must be an object", field=field)
+        problems.error(file, "each annotation must be an object", field=field, record=f"{file} [{field}]")
         return
     image = images.get(entry.get("image_id")) if isinstance(entry.get("image_id"), int | str) else None
     if image is None:
         problems.error(
-            file, f"image_id {entry.get('image_id')!r} is not a usable image", field=f"{field}.image_id"
+            file,
+            f"image_id {entry.get('image_id')!r} is not a usable image",
+            field=f"{field}.image_id",
+            record=f"{file} [{field}]",
         )
         return
     category_id = entry.get("category_id")
@@ -143,19 +170,35 @@ def _annotation(
             file,
             f"category_id {entry.get('category_id')!r} is not in categories",
             field=f"{field}.category_id",
+            record=image.path,
         )
         return
     bbox = entry.get("bbox")
     values = [number(value) for value in bbox] if isinstance(bbox, list) and len(bbox) == 4 else []
     if len(values) != 4 or None in values:
-        problems.error(file, f"must be 4 numbers [x, y, width, height], not {bbox!r}", field=f"{field}.bbox")
+        problems.error(
+            file,
+            f"must be 4 numbers [x, y, width, height], not {bbox!r}",
+            field=f"{field}.bbox",
+            record=image.path,
+        )
         return
     crowd = crowd_flag(entry.get("iscrowd"))
     if crowd is None:
-        problems.error(file, "must be 0 or 1", field=f"{field}.iscrowd")
+        problems.error(file, "must be 0 or 1", field=f"{field}.iscrowd", record=image.path)
         return
     x, y, w, h = (value or 0.0 for value in values)
-    box = checked_box(problems, file, field, (x, y, x + w, y + h), category, crowd, image.width, image.height)
+    box = checked_box(
+        problems,
+        file,
+        field,
+        (x, y, x + w, y + h),
+        category,
+        crowd,
+        image.width,
+        image.height,
+        record=image.path,
+    )
     if box is not None:
         image.boxes.append(box)
 
@@ -195,5 +238,11 @@ def render(dataset: Dataset, out_dir: Path, *, copy_images: bool = False) -> Ren
         "categories": [{"id": i, "name": name, "supercategory": "none"} for name, i in category_ids.items()],
     }
     text = json.dumps(document, indent=1, ensure_ascii=False) + "\n"
-    copies = {f"images/{image.name}": image.path for image in images} if copy_images else {}
-    return Rendered({ANNOTATION_FILE: text.encode()}, copies)
+    if copy_images:
+        return Rendered(
+            {ANNOTATION_FILE: text.encode()}, {f"images/{image.name}": image.path for image in images}
+        )
+    external = tuple(
+        (ANNOTATION_FILE, root) for root in external_root((image.path for image in images), out_dir)
+    )
+    return Rendered({ANNOTATION_FILE: text.encode()}, {}, external)

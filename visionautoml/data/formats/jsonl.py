@@ -10,12 +10,12 @@ local folder) so they can bring their files unchanged.
 from __future__ import annotations
 
 import json
-import os
 import re
 from functools import lru_cache
 from json.encoder import encode_basestring_ascii
 from operator import attrgetter
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
@@ -29,6 +29,7 @@ from visionautoml.data.formats._common import (
     names_under_common_folder,
     number,
 )
+from visionautoml.data.formats._paths import DataRoot, PathRefused, external_root, trusted_image_root
 from visionautoml.data.images import format_name_for_suffix, probe_image
 from visionautoml.data.problems import ProblemLog
 from visionautoml.errors import DataError
@@ -48,27 +49,51 @@ def files_in(path: Path) -> list[Path]:
     return [path] if path.is_file() else sorted(path.glob("*.jsonl"))
 
 
-def read(path: Path, problems: ProblemLog, *, datastore_root: Path | None = None) -> Dataset:
+def read(
+    path: Path, problems: ProblemLog, *, datastore_root: Path | None = None, image_root: Path | None = None
+) -> Dataset:
+    """Image paths must stay inside the JSONL's folder (the folder given, for a folder of JSONL files),
+    inside ``image_root`` when given, or inside the image folder ``data convert`` recorded when it
+    wrote the file; datastore URLs inside ``datastore_root``."""
     files = files_in(path)
     if not files:
         raise DataError(f"{path}: no .jsonl file found; pass the JSONL file or the folder holding it")
     records: list[ImageRecord] = []
+    default_root = DataRoot(
+        image_root if image_root is not None else (path if path.is_dir() else path.parent)
+    )
+    roots = _Roots(
+        default_root, DataRoot(datastore_root, "the datastore root") if datastore_root is not None else None
+    )
     for file in files:
+        trusted = trusted_image_root(file) if image_root is None else None
+        roots = roots._replace(files=DataRoot(trusted) if trusted is not None else default_root)
         try:
             with open(file, "rb") as handle:
                 for line_number, line in enumerate(handle, start=1):
                     if not line.strip():
                         continue
                     try:
-                        records.append(_read_line(line, file, line_number, datastore_root, problems))
+                        records.append(_read_line(line, file, line_number, roots, problems))
                     except _LineError as failure:
-                        problems.error(file, failure.message, line=line_number, field=failure.field)
+                        problems.error(
+                            file,
+                            failure.message,
+                            line=line_number,
+                            field=failure.field,
+                            record=f"{file}:{line_number}",
+                        )
         except OSError as error:
             problems.error(file, f"cannot read the file: {error.strerror or error}")
     names = names_under_common_folder([str(record.path) for record in records])
     for record, name in zip(records, names, strict=True):
         record.name = name
     return Dataset(records, classes_in_order_of_appearance(records))
+
+
+class _Roots(NamedTuple):
+    files: DataRoot
+    datastore: DataRoot | None
 
 
 class _LineError(Exception):
@@ -79,9 +104,7 @@ class _LineError(Exception):
         self.message, self.field = message, field
 
 
-def _read_line(
-    line: bytes, file: Path, line_number: int, datastore_root: Path | None, problems: ProblemLog
-) -> ImageRecord:
+def _read_line(line: bytes, file: Path, line_number: int, roots: _Roots, problems: ProblemLog) -> ImageRecord:
     try:
         entry = json.loads(line)
     except (ValueError, RecursionError) as failure:
@@ -92,11 +115,9 @@ def _read_line(
     if not isinstance(url, str) or not url.strip():
         raise _LineError("missing or empty; give the image's path or URL", "image_url")
     try:
-        image_path = resolve_image_url(url.strip(), file.parent, datastore_root)
-    except _UrlError as failure:
+        image_path = resolve_image_url(url.strip(), file.parent, roots.datastore, roots.files)
+    except (_UrlError, PathRefused) as failure:
         raise _LineError(str(failure), "image_url") from None
-    if not image_path.is_file():
-        raise _LineError(f"image not found: {image_path}", "image_url")
     size = _declared_size(entry.get("image_details"))
     if size is None:
         try:
@@ -112,7 +133,7 @@ def _read_line(
         )
     boxes: list[Box] = []
     for index, item in enumerate(labels):
-        box = _box(item, f"label[{index}]", width, height, file, line_number, problems)
+        box = _box(item, f"label[{index}]", (width, height), image_path, file, line_number, problems)
         if box is not None:
             boxes.append(box)
     return ImageRecord("", image_path, width, height, boxes, f"{file}:{line_number}")
@@ -139,14 +160,15 @@ def _declared_size(details: object) -> tuple[int, int] | None:
 
 
 def _box(
-    item: object, field: str, width: int, height: int, file: Path, line: int, problems: ProblemLog
+    item: object, field: str, size: tuple[int, int], image: Path, file: Path, line: int, problems: ProblemLog
 ) -> Box | None:
+    width, height = size
     if not isinstance(item, dict):
-        problems.error(file, "each box must be an object", line=line, field=field)
+        problems.error(file, "each box must be an object", line=line, field=field, record=image)
         return None
     label = item.get("label")
     if not isinstance(label, str):
-        problems.error(file, "missing or not a string", line=line, field=f"{field}.label")
+        problems.error(file, "missing or not a string", line=line, field=f"{field}.label", record=image)
         return None
     values = []
     for key in _COORDINATES:
@@ -154,13 +176,17 @@ def _box(
         value = None if isinstance(raw, str) else number(raw)  # the service writes numbers, never strings
         if value is None:
             problems.error(
-                file, f"must be a number in [0, 1], not {item.get(key)!r}", line=line, field=f"{field}.{key}"
+                file,
+                f"must be a number in [0, 1], not {item.get(key)!r}",
+                line=line,
+                field=f"{field}.{key}",
+                record=image,
             )
             return None
         values.append(value)
     crowd = crowd_flag(item.get("isCrowd"))
     if crowd is None:
-        problems.error(file, "must be 0 or 1", line=line, field=f"{field}.isCrowd")
+        problems.error(file, "must be 0 or 1", line=line, field=f"{field}.isCrowd", record=image)
         return None
     top_x, top_y, bottom_x, bottom_y = values
     return checked_box(
@@ -173,13 +199,14 @@ def _box(
         width,
         height,
         line=line,
+        record=image,
     )
 
 
-def resolve_image_url(url: str, base: Path, datastore_root: Path | None) -> Path:
+def resolve_image_url(url: str, base: Path, datastore: DataRoot | None, root: DataRoot) -> Path:
     """The local file an ``image_url`` names: a path (relative to the JSONL's folder), ``file://``,
     or a cloud datastore URL (``AmlDatastore://STORE/PATH``, ``azureml://.../paths/PATH``) under
-    ``datastore_root``."""
+    the datastore root. Raises PathRefused for a path that leaves its root or names no file."""
     lowered = url.lower()
     if lowered.startswith(("amldatastore://", "azureml://")):
         if lowered.startswith("amldatastore://"):
@@ -189,27 +216,32 @@ def resolve_image_url(url: str, base: Path, datastore_root: Path | None) -> Path
             if match is None:
                 raise _UrlError(f"cannot find '/datastores/NAME/paths/PATH' in the azureml URL {url!r}")
             store, relative = match.group(1), match.group(2)
-        if datastore_root is None:
+        if datastore is None:
             raise _UrlError(
                 f"{url!r} is a cloud datastore URL; download the datastore and pass --datastore-root DIR "
                 "(PATH is then read from DIR/PATH)"
             )
         relative = unquote(relative).lstrip("/")
-        path = datastore_root / relative
-        if not path.exists() and (datastore_root / store / relative).exists():
-            path = datastore_root / store / relative
-        return Path(os.path.abspath(path))
+        try:
+            return datastore.file(relative)
+        except PathRefused as refused:
+            if "not found" not in str(refused):
+                raise
+            try:
+                return datastore.file(f"{store}/{relative}")
+            except PathRefused:
+                raise refused from None
     if lowered.startswith("file:"):
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
             raise _UrlError(f"file URL on another host ({parts.netloc}) cannot be read; copy the image here")
-        return Path(os.path.abspath(url2pathname(parts.path)))
+        return root.file(url2pathname(parts.path))
     if "://" in url:
         raise _UrlError(
             f"remote URL {url!r} is not downloaded; fetch the images (`visionautoml data fetch`) and "
             "refer to them by path"
         )
-    return Path(os.path.abspath(base / url))
+    return root.file(url, base)
 
 
 def render(
@@ -226,8 +258,11 @@ def render(
     for image in images:
         url = f"images/{image.name}" if copy_images else relative(image.path)
         lines.append(_line(url, format_name_for_suffix(image.name), image.width, image.height, image.boxes))
-    copies = {f"images/{image.name}": image.path for image in images} if copy_images else {}
-    return Rendered({file_name: "".join(lines).encode()}, copies)
+    if copy_images:
+        copies = {f"images/{image.name}": image.path for image in images}
+        return Rendered({file_name: "".join(lines).encode()}, copies)
+    external = tuple((file_name, root) for root in external_root((image.path for image in images), out_dir))
+    return Rendered({file_name: "".join(lines).encode()}, {}, external)
 
 
 def _line(url: str, fmt: str, width: int, height: int, boxes: list[Box]) -> str:

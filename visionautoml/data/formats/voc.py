@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 from xml.sax.saxutils import escape
 
 from visionautoml.data.annotations import Box, Dataset, ImageRecord, classes_in_order_of_appearance
@@ -22,13 +24,12 @@ from visionautoml.data.formats._common import (
     checked_box,
     collector_paused,
     crowd_flag,
-    files_by_name,
     image_size,
     is_image_name,
-    list_files,
     number,
     unique_stems,
 )
+from visionautoml.data.formats._paths import DataRoot, PathRefused, files_by_name, walk_files
 from visionautoml.data.formats._vocxml import FieldReader, Fields
 from visionautoml.data.images import probe_image
 from visionautoml.data.problems import ProblemLog
@@ -38,6 +39,7 @@ ANNOTATION_FOLDERS = ("annotations", "Annotations")
 IMAGE_FOLDERS = ("images", "JPEGImages")
 _COORDINATES = ("xmin", "ymin", "xmax", "ymax")
 _FLAGS = frozenset({None, "0", "1"})
+_DRIVE = re.compile(r"[A-Za-z]:[\\/]")
 
 
 def layout(root: Path) -> tuple[Path, Path] | None:
@@ -51,13 +53,33 @@ def layout(root: Path) -> tuple[Path, Path] | None:
     return annotations, images
 
 
-def read(path: Path, problems: ProblemLog, *, datastore_root: Path | None = None) -> Dataset:
+def read(
+    path: Path, problems: ProblemLog, *, datastore_root: Path | None = None, image_root: Path | None = None
+) -> Dataset:
+    """``<filename>`` must name an image inside the dataset folder (or ``image_root``); ``<path>``,
+    an absolute path on the annotator's machine, is never read."""
     found = layout(path) if path.is_dir() else None
     if found is None:
         raise DataError(f"{path}: not a Pascal VOC folder; expected annotations/*.xml beside images/")
     annotation_dir, image_dir = found
-    xml_names = [name for name in list_files(annotation_dir) if name.lower().endswith(".xml")]
-    images = files_by_name(image_dir)
+    dataset_root = DataRoot(path)
+    root = DataRoot(image_root) if image_root is not None else dataset_root
+    for folder, allowed in ((annotation_dir, dataset_root), (image_dir, root)):
+        if not allowed.contains_real(os.path.realpath(folder)):
+            raise DataError(
+                f"{folder}: a symbolic link to {os.path.realpath(folder)}, outside {allowed}; "
+                "copy the real folder into the dataset"
+            )
+    names, outside = walk_files(annotation_dir, dataset_root)
+    for name, target in sorted(outside.items()):
+        if name.lower().endswith(".xml"):
+            xml_path = annotation_dir / name
+            problems.error(
+                xml_path, f"a symbolic link to {target}, outside {path}; it is not read", record=xml_path
+            )
+    xml_names = sorted(name for name in names if name.lower().endswith(".xml"))
+    images, linked_out = files_by_name(image_dir, root)
+    context = _Context(image_dir, images, linked_out, root)
     reader = FieldReader()
     records: list[ImageRecord] = []
     with collector_paused(), _opened_folder(annotation_dir) as folder:
@@ -66,13 +88,15 @@ def read(path: Path, problems: ProblemLog, *, datastore_root: Path | None = None
             try:
                 data = _read_bytes(name, folder) if folder is not None else _read_bytes(xml_path)
             except OSError as error:
-                problems.error(xml_path, f"cannot read the file: {error.strerror or error}")
+                problems.error(xml_path, f"cannot read the file: {error.strerror or error}", record=xml_path)
                 continue
             fields = reader.read(data)
             if isinstance(fields, str):
-                problems.error(xml_path, f"malformed XML: {fields}; fix or re-export the annotation")
+                problems.error(
+                    xml_path, f"malformed XML: {fields}; fix or re-export the annotation", record=xml_path
+                )
                 continue
-            record = _record(fields, xml_path, name, image_dir, images, problems)
+            record = _record(fields, xml_path, name, context, problems)
             if record is not None:
                 records.append(record)
     annotated = {name[:-4] for name in xml_names}
@@ -80,6 +104,15 @@ def read(path: Path, problems: ProblemLog, *, datastore_root: Path | None = None
         if is_image_name(name):
             problems.warning(image_dir / name, "image has no annotation file; it is left out")
     return Dataset(records, classes_in_order_of_appearance(records))
+
+
+class _Context(NamedTuple):
+    """What every record of one VOC folder is resolved against."""
+
+    image_dir: Path
+    images: dict[str, Path]
+    linked_out: dict[str, str]
+    root: DataRoot
 
 
 @contextmanager
@@ -115,7 +148,7 @@ def _read_bytes(path: str, folder: int | None = None) -> bytes:
 
 
 def _record(
-    fields: Fields, xml_path: str, name: str, image_dir: Path, images: dict[str, Path], problems: ProblemLog
+    fields: Fields, xml_path: str, name: str, context: _Context, problems: ProblemLog
 ) -> ImageRecord | None:
     """The record of a plain, valid annotation, checked inline (the hot path of large conversions).
 
@@ -123,7 +156,7 @@ def _record(
     goes through :func:`_checked_record`, which gives the same result or says what is wrong.
     """
     root, filename, width_text, height_text, objects = fields
-    image_path = images.get(filename) if filename and "/" not in name else None
+    image_path = context.images.get(filename) if filename and "/" not in name else None
     if root == "annotation" and image_path is not None:
         try:
             width, height = int(width_text), int(height_text)
@@ -144,25 +177,52 @@ def _record(
                 boxes.append(Box(xmin, ymin, xmax, ymax, label, difficult == "1"))
             else:
                 return ImageRecord(filename, image_path, width, height, boxes, xml_path)
-    return _checked_record(fields, xml_path, name, image_dir, images, problems)
+    return _checked_record(fields, xml_path, name, context, problems)
+
+
+def _image(filename: str, xml_name: str, context: _Context) -> tuple[str, Path]:
+    """The image's name (relative to the image folder) and path; PathRefused when it leads out."""
+    if filename.startswith("/") or _DRIVE.match(filename):
+        raise PathRefused(
+            f"<filename> {filename!r} is an absolute path; give the image's name relative to "
+            f"{context.image_dir}"
+        )
+    image_name = filename
+    if "/" in xml_name or "/" in filename or filename.startswith("."):
+        image_name = posixpath.normpath(posixpath.join(posixpath.dirname(xml_name), filename))
+    if image_name == ".." or image_name.startswith("../"):
+        raise PathRefused(f"<filename> {filename!r} leaves the image folder {context.image_dir}")
+    if image_name in context.linked_out:
+        raise PathRefused(
+            f"image {image_name} is a symbolic link to {context.linked_out[image_name]}, outside "
+            f"{context.root}; copy the real file into the dataset"
+        )
+    path = context.images.get(image_name)
+    if path is None:
+        path = context.root.file(image_name, context.image_dir)
+    return image_name, path
 
 
 def _checked_record(
-    fields: Fields, xml_path: str, name: str, image_dir: Path, images: dict[str, Path], problems: ProblemLog
+    fields: Fields, xml_path: str, name: str, context: _Context, problems: ProblemLog
 ) -> ImageRecord | None:
     if fields.root != "annotation":
-        problems.error(xml_path, f"root element is <{fields.root}>, not <annotation>: not a VOC annotation")
+        problems.error(
+            xml_path,
+            f"root element is <{fields.root}>, not <annotation>: not a VOC annotation",
+            record=xml_path,
+        )
         return None
     filename = (fields.filename or "").strip()
     if not filename:
-        problems.error(xml_path, "missing <filename>; add the image's file name", field="filename")
+        problems.error(
+            xml_path, "missing <filename>; add the image's file name", field="filename", record=xml_path
+        )
         return None
-    image_name = filename
-    if "/" in name or "/" in filename or filename.startswith("."):
-        image_name = posixpath.normpath(posixpath.join(posixpath.dirname(name), filename))
-    image_path = images.get(image_name) or image_dir / image_name
-    if image_name not in images and not image_path.is_file():
-        problems.error(xml_path, f"image not found: {image_path}", field="filename")
+    try:
+        image_name, image_path = _image(filename, name, context)
+    except PathRefused as refused:
+        problems.error(xml_path, str(refused), field="filename", record=xml_path)
         return None
     try:
         width, height = int(fields.width), int(fields.height)
@@ -171,14 +231,21 @@ def _checked_record(
     if width is None or height is None or width < 0 or height < 0:
         bad = "width" if width is None or width < 0 else "height"
         problems.error(
-            xml_path, "the image size must be a whole number of pixels; fix <size>", field=f"size/{bad}"
+            xml_path,
+            "the image size must be a whole number of pixels; fix <size>",
+            field=f"size/{bad}",
+            record=image_path,
         )
         return None
     if width == 0 or height == 0:
         try:
             info = probe_image(image_path)
         except DataError as error:
-            problems.error(xml_path, f"<size> is {width}x{height} and the image cannot be read: {error}")
+            problems.error(
+                xml_path,
+                f"<size> is {width}x{height} and the image cannot be read: {error}",
+                record=image_path,
+            )
             return None
         problems.warning(
             xml_path,
@@ -188,7 +255,16 @@ def _checked_record(
         width, height = info.width, info.height
     boxes: list[Box] = []
     for index, (label, difficult, *coordinates) in enumerate(fields.objects, start=1):
-        box = _box(xml_path, index, (label or "").strip(), difficult, coordinates, width, height, problems)
+        box = _box(
+            xml_path,
+            index,
+            (label or "").strip(),
+            difficult,
+            coordinates,
+            (width, height),
+            image_path,
+            problems,
+        )
         if box is not None:
             boxes.append(box)
     return ImageRecord(image_name, image_path, width, height, boxes, xml_path)
@@ -200,8 +276,8 @@ def _box(
     label: str,
     difficult: str | None,
     coordinates: list[str | None],
-    width: int,
-    height: int,
+    size: tuple[int, int],
+    image_path: Path,
     problems: ProblemLog,
 ) -> Box | None:
     where = f"object[{index}]"
@@ -210,15 +286,25 @@ def _box(
         value = number(text)
         if value is None:
             what = "missing" if text is None else f"not a number: {text.strip()!r}"
-            problems.error(xml_path, f"bounding box coordinate {what}", field=f"{where}/bndbox/{key}")
+            problems.error(
+                xml_path, f"bounding box coordinate {what}", field=f"{where}/bndbox/{key}", record=image_path
+            )
             return None
         values.append(value)
     crowd = crowd_flag(difficult.strip() if difficult is not None else None)
     if crowd is None:
-        problems.error(xml_path, f"<difficult> must be 0 or 1, not {difficult!r}", field=f"{where}/difficult")
+        problems.error(
+            xml_path,
+            f"<difficult> must be 0 or 1, not {difficult!r}",
+            field=f"{where}/difficult",
+            record=image_path,
+        )
         return None
     xmin, ymin, xmax, ymax = values
-    return checked_box(problems, xml_path, where, (xmin, ymin, xmax, ymax), label, crowd, width, height)
+    width, height = size
+    return checked_box(
+        problems, xml_path, where, (xmin, ymin, xmax, ymax), label, crowd, width, height, record=image_path
+    )
 
 
 def render(dataset: Dataset, out_dir: Path, *, copy_images: bool = True) -> Rendered:

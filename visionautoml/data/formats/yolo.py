@@ -14,15 +14,8 @@ from pathlib import Path
 import yaml
 
 from visionautoml.data.annotations import Box, Dataset, ImageRecord
-from visionautoml.data.formats._common import (
-    Rendered,
-    checked_box,
-    files_by_name,
-    is_image_name,
-    list_files,
-    number,
-    unique_stems,
-)
+from visionautoml.data.formats._common import Rendered, checked_box, is_image_name, number, unique_stems
+from visionautoml.data.formats._paths import DataRoot, files_by_name, walk_files
 from visionautoml.data.images import probe_image
 from visionautoml.data.problems import ProblemLog
 from visionautoml.errors import DataError
@@ -34,28 +27,42 @@ def looks_like_yolo(path: Path) -> bool:
     return (path / "labels").is_dir() and any((path / name).is_file() for name in NAMES_FILES)
 
 
-def read(path: Path, problems: ProblemLog, *, datastore_root: Path | None = None) -> Dataset:
+def read(
+    path: Path, problems: ProblemLog, *, datastore_root: Path | None = None, image_root: Path | None = None
+) -> Dataset:
+    """The images are what ``images/`` holds; a link in it that leads out of the dataset is an error."""
     if not path.is_dir() or not (path / "images").is_dir():
         raise DataError(f"{path}: not a YOLO folder; expected images/, labels/ and data.yaml or classes.txt")
+    root = DataRoot(image_root if image_root is not None else path)
+    if not root.contains_real(os.path.realpath(path / "images")):
+        raise DataError(
+            f"{path / 'images'}: a symbolic link out of {root}; copy the real folder into the dataset"
+        )
     classes = _class_names(path, problems)
     label_dir = path / "labels"
-    label_names = set(list_files(label_dir)) if label_dir.is_dir() else set()
+    label_names: set[str] = set()
+    if label_dir.is_dir() and DataRoot(path).contains_real(os.path.realpath(label_dir)):
+        label_names = set(walk_files(label_dir, DataRoot(path))[0])
     records: list[ImageRecord] = []
     used_labels: set[str] = set()
-    for name, image_path in sorted(files_by_name(path / "images").items()):
+    images, outside = files_by_name(path / "images", root)
+    for name, target in sorted(outside.items()):
+        link = path / "images" / name
+        problems.error(link, f"a symbolic link to {target}, outside {root}; it is not read", record=link)
+    for name, image_path in sorted(images.items()):
         if not is_image_name(name):
             continue
         label_name = os.path.splitext(name)[0] + ".txt"
         try:
             info = probe_image(image_path)
         except DataError as error:
-            problems.error(image_path, str(error).removeprefix(f"{image_path}: "))
+            problems.error(image_path, str(error).removeprefix(f"{image_path}: "), record=image_path)
             continue
         boxes: list[Box] = []
         source = label_dir / label_name
         if label_name in label_names:
             used_labels.add(label_name)
-            boxes = _boxes(source, classes, info.width, info.height, problems)
+            boxes = _boxes(source, classes, (info.width, info.height), image_path, problems)
         records.append(ImageRecord(name, image_path, info.width, info.height, boxes, str(source)))
     for name in sorted(label_names - used_labels):
         if name.endswith(".txt"):
@@ -89,14 +96,17 @@ def _names_from_yaml(file: Path, document: object) -> list[str]:
     return [str(name) for name in names]
 
 
-def _boxes(file: Path, classes: list[str], width: int, height: int, problems: ProblemLog) -> list[Box]:
+def _boxes(
+    file: Path, classes: list[str], size: tuple[int, int], image: Path, problems: ProblemLog
+) -> list[Box]:
+    width, height = size
     try:
         text = file.read_bytes().decode("utf-8")
     except OSError as error:
-        problems.error(file, f"cannot read the file: {error.strerror or error}")
+        problems.error(file, f"cannot read the file: {error.strerror or error}", record=image)
         return []
     except UnicodeDecodeError:
-        problems.error(file, "not a text file (invalid UTF-8); fix or re-export the labels")
+        problems.error(file, "not a text file (invalid UTF-8); fix or re-export the labels", record=image)
         return []
     boxes: list[Box] = []
     for line_number, line in enumerate(text.splitlines(), start=1):
@@ -109,6 +119,7 @@ def _boxes(file: Path, classes: list[str], width: int, height: int, problems: Pr
                 f"expected 5 values 'class cx cy w h', got {len(fields)} "
                 "(segmentation labels are not supported)",
                 line=line_number,
+                record=image,
             )
             continue
         class_id = number(fields[0])
@@ -118,11 +129,12 @@ def _boxes(file: Path, classes: list[str], width: int, height: int, problems: Pr
                 f"class {fields[0]!r} is not an id in 0..{len(classes) - 1} of the class names",
                 line=line_number,
                 field="class",
+                record=image,
             )
             continue
         values = [number(field) for field in fields[1:]]
         if None in values:
-            problems.error(file, "cx cy w h must be numbers", line=line_number)
+            problems.error(file, "cx cy w h must be numbers", line=line_number, record=image)
             continue
         cx, cy, w, h = (value or 0.0 for value in values)
         coordinates = (
@@ -132,7 +144,9 @@ def _boxes(file: Path, classes: list[str], width: int, height: int, problems: Pr
             (cy + h / 2) * height,
         )
         label = classes[int(class_id)]
-        box = checked_box(problems, file, "box", coordinates, label, False, width, height, line=line_number)
+        box = checked_box(
+            problems, file, "box", coordinates, label, False, width, height, line=line_number, record=image
+        )
         if box is not None:
             boxes.append(box)
     return boxes

@@ -31,9 +31,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from visionautoml.data.annotations import Dataset
-from visionautoml.files import atomic_write_bytes, atomic_write_text
-from visionautoml.models.imageio import decode_image_file
-from visionautoml.training.metrics import (
+from visionautoml.data.images import decode_image_file
+from visionautoml.evaluation.metrics import (
     FALSE_POSITIVE,
     IGNORED,
     TRUE_POSITIVE,
@@ -44,9 +43,10 @@ from visionautoml.training.metrics import (
     class_curves,
     match_image,
 )
+from visionautoml.files import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
-    from visionautoml.training.evaluate import Evaluation
+    from visionautoml.evaluation.scoring import Evaluation
 
 PLOT_IOU_THRESHOLD = 0.5
 BACKGROUND = "background"

@@ -28,8 +28,8 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from visionautoml.data.images import decode_image_bytes
 from visionautoml.errors import DataError
-from visionautoml.models.imageio import decode_image_bytes
 from visionautoml.models.predictor import Predictor, automl_boxes
 
 CODE_PATH = str(Path(__file__).resolve())

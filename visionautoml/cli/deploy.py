@@ -1,0 +1,162 @@
+"""`visionautoml export`, `predict` and `serve`: a model to ONNX, to files of boxes, to an endpoint."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+from rich.text import Text
+
+from visionautoml.cli.common import Backend, console, err_console, parse_duration
+
+
+class ExportFormat(StrEnum):
+    onnx = "onnx"
+
+
+class PredictionFormat(StrEnum):
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+MODEL_ARGUMENT_HELP = (
+    "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a saved-model folder or an ONNX export "
+    "folder. The tracking store is MLFLOW_TRACKING_URI, else ./.visionautoml/mlflow.db."
+)
+BACKEND_HELP = "auto: ONNX Runtime when an export is found (--onnx, the model's onnx/ folder), else PyTorch."
+
+
+def export(
+    model: str = typer.Argument(..., help=MODEL_ARGUMENT_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for model.onnx, labels.json, settings.json."),
+    to: ExportFormat = typer.Option(
+        ExportFormat.onnx, "--to", help="Export format; onnx is the one there is."
+    ),
+    images: list[Path] = typer.Option(
+        [], "--images", help="Images or folders for the parity check (repeatable); default: validation data."
+    ),
+    attach: bool = typer.Option(
+        False, "--attach", help="Also upload the export into the tracked model, where `serve` finds it."
+    ),
+    tolerance: float = typer.Option(0.01, "--tolerance", help="Largest box difference (px) parity accepts."),
+) -> None:
+    """Export a trained detector to ONNX and check it predicts what PyTorch predicts.
+
+    The whole inference path (resize, NMS, box scaling) is in the graph; it takes one float
+    CHW image of any size. Parity: ONNX Runtime and PyTorch must give the same labels and
+    boxes (within `--tolerance` px) for the top detections of sample images: `--images`, else the
+    model's validation images, else synthetic ones. The result goes to `parity.json` and, for a
+    tracked model, to tags on the model version. Nothing is written if parity fails.
+
+    Examples:
+
+    * `visionautoml export models:/raccoon@champion --to onnx --out exports/raccoon`
+    * `visionautoml export runs:/3f2a.../model --out exports/trial --images data/raccoon/images`
+    * `visionautoml export models:/raccoon/3 --out exports/raccoon-3 --attach`
+    """
+    from visionautoml.deploy.export import export_model
+
+    result = export_model(model, out, images=images, attach=attach, tolerance_px=tolerance)
+    console.print(result.parity.summary(), soft_wrap=True)
+    for record in result.recorded_on:
+        console.print(record, soft_wrap=True)
+    console.print(f"wrote {result.directory}", soft_wrap=True)
+
+
+def predict(
+    model: str = typer.Argument(..., help=MODEL_ARGUMENT_HELP),
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for predictions.jsonl/.csv (and images/)."),
+    output_format: PredictionFormat = typer.Option(
+        PredictionFormat.jsonl, "--to", help="jsonl (one /score answer a line) or csv."
+    ),
+    draw: bool = typer.Option(False, "--draw", help="Also write each image with its boxes to OUT/images/."),
+    onnx: Path | None = typer.Option(None, "--onnx", help="An export folder to run instead of the model."),
+    backend: Backend = typer.Option(Backend.auto, "--backend", help=BACKEND_HELP),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images decoded and scored together."),
+) -> None:
+    """Score images in batch; boxes in the cloud service's format (fractions of the image size).
+
+    Unreadable images are listed in `OUT/skipped.jsonl` and skipped; the rest are scored.
+
+    Examples:
+
+    * `visionautoml predict models:/raccoon@champion data/new-photos --out predictions/`
+    * `visionautoml predict ./model photo1.jpg photo2.png --out out/ --to csv --draw`
+    * `visionautoml predict models:/raccoon/3 data/ --out out/ --onnx exports/raccoon-3`
+    """
+    from visionautoml.deploy.predict import predict_images
+    from visionautoml.deploy.runtime import load_for_inference
+
+    loaded = load_for_inference(model, onnx=onnx, backend=backend)
+    err_console.print(f"scoring with {loaded.spec.model_name} on {loaded.backend}", soft_wrap=True)
+    summary = predict_images(
+        loaded,
+        images,
+        out,
+        output_format=output_format,
+        draw=draw,
+        batch_size=batch_size,
+        console=err_console,
+    )
+    for name, reason in summary.skipped:
+        err_console.print(Text.assemble(("skipped ", "yellow"), f"{name}: {reason}"), soft_wrap=True)
+    console.print(
+        f"scored {summary.scored} images ({summary.boxes} boxes), skipped {len(summary.skipped)}: "
+        f"{summary.output}",
+        soft_wrap=True,
+    )
+
+
+def serve(
+    model: str = typer.Argument(..., help=MODEL_ARGUMENT_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 means every one."),
+    port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Server processes, each loads the model."),
+    onnx: Path | None = typer.Option(None, "--onnx", help="An export folder to run instead of the model."),
+    backend: Backend = typer.Option(Backend.auto, "--backend", help=BACKEND_HELP),
+    concurrency: int = typer.Option(2, "--concurrency", min=1, help="Inference threads per process."),
+    timeout: str = typer.Option(
+        "30s", "--timeout", help="How long a request may wait (else 504): 30s, 2m ..."
+    ),
+    max_body_mb: float = typer.Option(20.0, "--max-body-mb", min=0.001, help="Largest request body (413)."),
+    max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="Largest image, in pixels (413)."),
+    max_images: int = typer.Option(16, "--max-images", min=1, help="Most images in one request (413)."),
+) -> None:
+    """Serve the model over HTTP with the cloud endpoint's request and response.
+
+    `POST /score` takes multipart uploads (field `file` or `files`) or the JSON
+    `{"input_data": {"columns": ["image"], "data": ["<base64>", ...]}}` and returns
+    `[{"filename", "boxes": [{"box": {"topX", "topY", "bottomX", "bottomY"}, "label", "score"}]}]`.
+    Also `GET /health`, `/ready`, `/metadata` and the OpenAPI docs at `/docs`.
+
+    Set `VISIONAUTOML_API_KEY` in the environment to require `Authorization: Bearer KEY` or
+    `x-api-key: KEY` on `/score` and `/metadata` (401 otherwise); `/health` and `/ready` stay open
+    for probes. There is no flag for the key on purpose: flags show in `ps` and shell history.
+
+    Examples:
+
+    * `VISIONAUTOML_API_KEY=$(openssl rand -hex 16) visionautoml serve models:/raccoon@champion`
+    * `VISIONAUTOML_API_KEY=... visionautoml serve models:/raccoon/3 --host 0.0.0.0 --workers 2`
+    * `curl -F file=@raccoon.jpg http://127.0.0.1:8080/score`
+    """
+    from visionautoml.deploy.runtime import locate_model
+    from visionautoml.deploy.serve import API_KEY_ENV, ServeSettings, api_key_from_environment
+    from visionautoml.deploy.serve import serve as run_server
+
+    location = locate_model(model, onnx=onnx, backend=backend)
+    settings = ServeSettings(
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        max_pixels=max_pixels,
+        max_images=max_images,
+        timeout_s=parse_duration(timeout),
+        concurrency=concurrency,
+    )
+    key = "required" if api_key_from_environment() else f"not required (set {API_KEY_ENV} to require one)"
+    address = f"http://{host}:{port}"
+    err_console.print(
+        f"serving {location.source} ({location.backend}) on {address}, docs at {address}/docs, API key {key}",
+        soft_wrap=True,
+    )
+    run_server(location, host=host, port=port, workers=workers, settings=settings)
