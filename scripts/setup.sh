@@ -12,4 +12,7 @@ fi
 # torch and torchvision are pinned exactly in pyproject.toml; pip takes them from the
 # local wheel cache when the machine has one and never picks a newer, larger build.
 .venv/bin/python -m pip install --quiet -e ".[all,dev]"
+# YOLOX's model code (Apache-2.0), without its own dependency list (tensorboard, onnxsim, thop, GUI
+# OpenCV, a training CLI): what the model code imports is in pyproject.toml's dependencies.
+.venv/bin/python -m pip install --quiet --no-deps "pixeltable-yolox==0.4.3"
 echo "visionautoml is installed in .venv: run .venv/bin/visionautoml --help"

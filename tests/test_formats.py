@@ -561,3 +561,33 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
         write_dataset(dataset, tmp_path / "out", "voc")
     assert sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*")) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary left over"
+
+
+def _voc_with(objects: list[str]) -> bytes:
+    return (
+        "<annotation>\n\t<filename>a.jpg</filename>\n\t<size><width>64</width><height>48</height></size>\n"
+        + "".join(objects)
+        + "</annotation>\n"
+    ).encode()
+
+
+def _object(index: int, extra: str = "") -> str:
+    return (
+        f"\t<object><name>c{index % 3}</name>{extra}<difficult>{index % 2}</difficult><bndbox>"
+        f"<xmin>{index}</xmin><ymin>1</ymin><xmax>{index + 5}</xmax><ymax>9</ymax></bndbox></object>\n"
+    )
+
+
+def test_voc_fast_path_reads_any_number_of_objects_with_one_plan() -> None:
+    """One plan per skeleton, not per object count: a dense file is read in one linear pass."""
+    reader = FieldReader()
+    for count in (1, 2, 7, 300, 8000, 0):
+        document = _voc_with([_object(index) for index in range(count)])
+        assert reader.read(document) == _tree_fields(document), count
+    assert reader._learned == 1
+    mixed = _voc_with([_object(0), _object(1, "<truncated>1</truncated>"), _object(2), _object(3, "<pose/>")])
+    assert reader.read(mixed) == _tree_fields(mixed)
+    assert reader.read(mixed.replace(b"c1", b"c2")) == _tree_fields(mixed.replace(b"c1", b"c2"))
+    assert reader._learned == 2, "objects of several shapes in one file share one plan"
+    split = _voc_with([_object(0), "\t<segmented>0</segmented>\n", _object(1)])
+    assert reader.read(split) == _tree_fields(split), "objects that are not one run go through ElementTree"

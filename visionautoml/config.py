@@ -12,13 +12,14 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from visionautoml.errors import ConfigError
 
@@ -27,6 +28,11 @@ class _Strict(BaseModel):
     """Unknown keys are errors: a typo must not silently fall back to a default."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @classmethod
+    def of(cls, settings: BaseModel) -> Any:
+        """This model's fields taken from a model that has them all (``Thresholds.of(params)``)."""
+        return cls.model_validate({name: getattr(settings, name) for name in cls.model_fields})
 
 
 DEFAULT_WORKSPACE = ".visionautoml"
@@ -49,14 +55,42 @@ class Thresholds(_Strict):
         """The mask of ``scores`` (a tensor or an array) a model reports: ``score >= box_score_threshold``."""
         return scores >= self.box_score_threshold
 
+
+
+class Tiling(_Strict):
+    """Tiles for small objects, as the cloud service has them: training sees each image's tiles as well
+    as the image, and inference runs the whole image plus every tile, merging the boxes with NMS.
+
+    ``tile_grid_size`` is ``COLUMNSxROWS`` (``3x2``) or None for no tiling. The saved model carries
+    these, and ``evaluate``, ``predict`` and ``serve`` may override them.
+    """
+
+    tile_grid_size: str | None = None
+    tile_overlap_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.25
+    tile_predictions_nms_threshold: Annotated[float, Field(gt=0, le=1)] = 0.25
+
+    @field_validator("tile_grid_size", mode="before")
     @classmethod
-    def of(cls, settings: BaseModel) -> Thresholds:
-        """The thresholds among ``settings``' fields (training parameters, a spec)."""
-        return cls.model_validate({name: getattr(settings, name) for name in cls.model_fields})
+    def _grid(cls, value: Any) -> str | None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None
+        text = str(value).strip().lower().replace(" ", "").strip("()").replace(",", "x")
+        match = re.fullmatch(r"([1-9][0-9]?)x([1-9][0-9]?)", text)
+        if match is None:
+            raise ValueError(f"'{value}' is no tile grid; write COLUMNSxROWS such as 3x2, or none")
+        return text
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """(columns, rows), or None without tiling."""
+        if self.tile_grid_size is None:
+            return None
+        columns, rows = self.tile_grid_size.split("x")
+        return int(columns), int(rows)
 
 
-class TrainingParameters(Thresholds):
-    """Hyperparameters of one trial (a single training run), the inference thresholds included."""
+class TrainingParameters(Thresholds, Tiling):
+    """Hyperparameters of one trial (a single training run), the inference thresholds and tiling included."""
 
     model_name: str = "fasterrcnn_resnet50_fpn"
     model_size: Literal["small", "medium", "large", "extra_large"] | None = Field(
@@ -244,6 +278,14 @@ class Compute(_Strict):
     wait_timeout_minutes: Annotated[float, Field(gt=0)] = 20
     cpus_per_trial: Annotated[float, Field(gt=0)] | None = None
     gpus_per_trial: Annotated[float, Field(ge=0)] = 0
+    max_failures: Annotated[int, Field(ge=0)] = Field(
+        2, description="times a trial whose process or node died is retried from its last checkpoint"
+    )
+    storage_path: str | None = Field(
+        None,
+        description="where Ray Tune keeps the sweep's state (s3://BUCKET/PATH for clusters without a "
+        "shared disk; the endpoint from the AWS variables); default: the workspace",
+    )
 
     @model_validator(mode="after")
     def _check_address(self) -> Compute:

@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from visionautoml.config import Thresholds, TrainingParameters
+from visionautoml.config import Thresholds, Tiling, TrainingParameters
 from visionautoml.errors import DataError
 from visionautoml.files import atomic_path
 from visionautoml.models.weights import read_state_dict
@@ -48,6 +48,7 @@ class ModelSpec(BaseModel):
     max_size: int | None = None
     image_size: int | None = None
     thresholds: Thresholds = Thresholds()
+    tiling: Tiling = Tiling()
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -71,6 +72,7 @@ class ModelSpec(BaseModel):
             max_size=size.max_size,
             image_size=size.image_size,
             thresholds=Thresholds.of(params),
+            tiling=Tiling.of(params),
         )
 
     @property
@@ -86,6 +88,7 @@ class ModelSpec(BaseModel):
             max_size=self.max_size,
             image_size=self.image_size,
             **self.thresholds.model_dump(),
+            **self.tiling.model_dump(),
         )
 
 
