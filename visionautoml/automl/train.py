@@ -23,7 +23,7 @@ from visionautoml.errors import TrainingError
 from visionautoml.files import atomic_write_text
 from visionautoml.tracking.auth import login
 from visionautoml.tracking.schema import RunStatus, Tag, TrialState
-from visionautoml.tracking.workspace import workspace_dir
+from visionautoml.tracking.workspace import resolve_tracking_uri, workspace_dir
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,20 @@ class SettledJob:
 
 
 def settle(job: JobConfig) -> SettledJob:
-    """Check what fails fast, then put the credentials where MLflow reads them (see the module docstring)."""
+    """Check what fails fast, then put the credentials where MLflow reads them (see the module docstring).
+
+    An incremental start (``checkpoint_run_id`` / ``checkpoint_path``) is resolved and fetched
+    here too: a reference that holds no model fails before any run exists.
+    """
     from visionautoml.models.zoo import check_model_names
+    from visionautoml.training.start import resolve_start
 
     check_model_names(job)
     fingerprint = job.fingerprint()
     job, who = login(job)
-    return SettledJob(job.model_copy(update={"workspace": str(workspace_dir(job))}), fingerprint, who)
+    job = job.model_copy(update={"workspace": str(workspace_dir(job))})
+    resolve_start(job.training_parameters, tracking_uri=resolve_tracking_uri(job), download=True)
+    return SettledJob(job, fingerprint, who)
 
 
 def train(

@@ -226,10 +226,14 @@ def make_data_loader(
         samples.preload()
     workers = default_workers() if params.number_of_workers is None else params.number_of_workers
     generator = torch.Generator().manual_seed(params.seed)
+    batch_size = params.training_batch_size if train else params.validation_batch_size
     return DataLoader(
         samples,
-        batch_size=params.training_batch_size if train else params.validation_batch_size,
+        batch_size=batch_size,
         shuffle=train,
+        # A last training batch of one image breaks batch norm ("Expected more than 1 value per
+        # channel"); the shuffle leaves a different image out of each epoch instead.
+        drop_last=train and len(samples) > 1 and len(samples) % batch_size == 1,
         num_workers=workers,
         collate_fn=collate,
         generator=generator,

@@ -45,6 +45,7 @@ from visionautoml.tracking.schema import PRIMARY_METRIC, Artifact, RunStatus, Ta
 from visionautoml.tracking.workspace import connect, workspace_dir
 from visionautoml.training.dataset import make_data_loader
 from visionautoml.training.evaluate import predict_loader
+from visionautoml.training.start import load_start, resolve_start
 from visionautoml.training.trainer import checkpoint_paths, default_device, fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ def _train_and_log(
 ) -> TrialResult:
     started = time.monotonic()
     data = load_trial_data(job, params)
+    start = resolve_start(params)
     data_tags = dataset_tags(data)
     _adopt_checkpoints(checkpoint_dir, run.run_id, data_tags)
     classes = list(data.training.classes)
@@ -169,6 +171,8 @@ def _train_and_log(
         Tag.CONFIG_HASH: job.fingerprint(),
         Tag.CLASSES: json.dumps(classes),
     }
+    if start is not None:
+        tags[Tag.STARTED_FROM] = start.reference
     commit = git_commit()
     if commit:
         tags[Tag.GIT_COMMIT] = commit
@@ -184,6 +188,9 @@ def _train_and_log(
     seed_everything(params.seed)
     device = default_device()
     model = build_model(params.model_name, len(classes) + 1, params)
+    if start is not None:
+        report = load_start(model, start)
+        console.print(f"starting from {start.reference}: {report.summary()}", soft_wrap=True)
     train_loader, validation_loader = make_loaders(data, params)
 
     scores = _Scores()
