@@ -197,11 +197,12 @@ def test_loader_batches_with_a_worker_is_reproducible_and_serves_from_memory(tmp
     orders = []
     for loader in loaders:
         batches = list(loader)
-        assert [len(images) for images, _ in batches] == [2, 2, 1]
+        # 5 images in batches of 2: the last batch of one is dropped (batch norm cannot take it).
+        assert [len(images) for images, _ in batches] == [2, 2]
         images, targets = batches[0]
         assert images[0].shape == (3, 32, 43) and targets[0]["labels"].tolist() == [2]
         orders.append([int(t["image_id"]) for _, batch_targets in batches for t in batch_targets])
-    assert orders[0] == orders[1] and sorted(orders[0]) == [0, 1, 2, 3, 4]
+    assert orders[0] == orders[1] and len(set(orders[0])) == 4 and set(orders[0]) <= {0, 1, 2, 3, 4}
 
 
 def test_evaluation_loader_is_in_order_at_original_size_and_decodes_lazily_past_the_cache(tmp_path):

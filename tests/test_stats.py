@@ -96,3 +96,26 @@ def test_plot_of_a_30000x30000_png_header_says_too_large_instead_of_crashing(tmp
     target = plot_stats(dataset, compute_stats(dataset), tmp_path / "plot.png", samples=4)
     with Image.open(target) as png:
         assert png.format == "PNG"
+
+
+def test_the_html_overview_of_a_30000x30000_png_header_shows_it_as_not_shown(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    from visionautoml.reports.overview import write_overview
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    huge = tmp_path / "huge.png"
+    header = struct.pack(">IIBBBBB", 30_000, 30_000, 8, 2, 0, 0, 0)
+    huge.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+    dataset = small_dataset(tmp_path / "images")
+    dataset.images = [ImageRecord("huge.png", huge, 30_000, 30_000, [Box(0, 0, 10, 10, "cat")])]
+    page = write_overview(dataset, tmp_path / "overview.html", samples=4).read_text(encoding="utf-8")
+    assert "huge.png: not shown (" in page and "pixels" in page

@@ -249,11 +249,17 @@ def _prepare_data(job: JobConfig, state: dict[str, Any], console: Console) -> _P
                 seed=job.training_parameters.seed,
                 store_root=store.url,
                 datastore_root=Path(job.datastore_root) if job.datastore_root else None,
+                drop_invalid=job.invalid_data == "drop",
             )
         train_name, validation_name = dataset_names(job)
-        training = store.register_dataset(data.training, train_name, source=data.location("training"))
+        training = store.register_dataset(
+            data.training, train_name, source=data.location("training"), problems=data.problems["training"]
+        )
         validation = store.register_dataset(
-            data.validation, validation_name, source=data.location("validation")
+            data.validation,
+            validation_name,
+            source=data.location("validation"),
+            problems=data.problems["validation"],
         )
         console.print(
             f"Data: {training.ref} ({training.image_count} images) for training, "

@@ -8,6 +8,7 @@ with exit code 1, never as a traceback.
 
 from __future__ import annotations
 
+import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -66,8 +67,28 @@ def _before_every_command(
     refuse_secret_arguments(sys.argv[1:])
 
 
+class _LevelPrefix(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
+
+
+def _log_to_stderr() -> None:
+    """The package's warnings (a repaired box, an ignored cloud setting) as ``warning: ...`` lines.
+
+    Below WARNING only when asked (a cloud job's ``log_verbosity``); library chatter stays out.
+    """
+    logger = logging.getLogger("visionautoml")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LevelPrefix("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 1."""
+    _log_to_stderr()
     try:
         app()
     except VisionAutoMLError as error:

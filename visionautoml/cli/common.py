@@ -86,6 +86,22 @@ def class_list(classes: str | None) -> list[str] | None:
     return names
 
 
+def repairs_line(summary: dict[str, int]) -> str | None:
+    """``repaired: 2 boxes clipped, 1 box dropped; skipped 1 image``, or None when nothing was repaired."""
+    parts = [
+        f"{summary.get(key, 0)} {what}"
+        for key, what in (
+            ("clipped_boxes", "box(es) clipped"),
+            ("dropped_boxes", "zero-area box(es) dropped"),
+        )
+        if summary.get(key)
+    ]
+    skipped = f"skipped {summary['skipped_images']} image(s)" if summary.get("skipped_images") else ""
+    if not parts and not skipped:
+        return None
+    return "repaired: " + "; ".join(filter(None, [", ".join(parts), skipped]))
+
+
 def problem_table(problems: list[Any], root: Path, title: str, limit: int | None = None) -> Any:
     """Files inside the dataset are shown relative to it (the title names it), so rows stay short.
 

@@ -17,7 +17,19 @@ from visionautoml.cli.common import (
     class_list,
     console,
     err_console,
+    parse_duration,
     problem_table,
+    repairs_line,
+)
+
+DROP_INVALID_HELP = (
+    "Skip images with errors that cannot be repaired (unreadable image, a box wholly outside), each "
+    "reported, instead of refusing the dataset. Zero-area boxes are dropped and boxes partly outside "
+    "clipped either way, with a warning each; the source files are never changed."
+)
+IMAGE_ROOT_HELP = (
+    "A folder the dataset's image paths may point into besides the dataset's own (paths that leave "
+    "both are refused)."
 )
 
 app = typer.Typer(help="Read, check, convert, fetch and version labelled datasets.", no_args_is_help=True)
@@ -35,6 +47,8 @@ def data_validate(
     ),
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) on warnings too."),
     datastore_root: Path | None = typer.Option(None, "--datastore-root", help=DATASTORE_HELP),
+    drop_invalid: bool = typer.Option(False, "--drop-invalid", help=DROP_INVALID_HELP),
+    image_root: Path | None = typer.Option(None, "--image-root", help=IMAGE_ROOT_HELP),
 ) -> None:
     """Check a labelled dataset and report every problem, not only the first.
 
@@ -64,6 +78,8 @@ def data_validate(
             source_format,
             classes=class_list(classes),
             datastore_root=datastore_root,
+            image_root=image_root,
+            drop_invalid=drop_invalid,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     if as_json:
@@ -79,6 +95,9 @@ def data_validate(
             f"{errors} errors, {warnings} warnings[/]",
             soft_wrap=True,
         )
+        repaired = repairs_line(report.problems.summary())
+        if repaired:
+            console.print(repaired, soft_wrap=True, markup=False)
     if report.failed(strict):
         raise typer.Exit(1)
 
@@ -112,6 +131,8 @@ def data_convert(
         None, "--classes", help="Comma-separated class list (fixes the order); other labels are errors."
     ),
     datastore_root: Path | None = typer.Option(None, "--datastore-root", help=DATASTORE_HELP),
+    drop_invalid: bool = typer.Option(False, "--drop-invalid", help=DROP_INVALID_HELP),
+    image_root: Path | None = typer.Option(None, "--image-root", help=IMAGE_ROOT_HELP),
 ) -> None:
     """Convert a dataset between VOC, COCO, YOLO and AutoML JSONL, optionally splitting it.
 
@@ -147,6 +168,8 @@ def data_convert(
             copy_images=copy_images,
             classes=class_list(classes),
             datastore_root=datastore_root,
+            image_root=image_root,
+            drop_invalid=drop_invalid,
         )
     if result.warnings:
         err_console.print(problem_table(result.warnings, source, "warnings", limit=20))
@@ -158,6 +181,9 @@ def data_convert(
         markup=False,
         highlight=False,
     )
+    repaired = repairs_line(result.summary)
+    if repaired:
+        err_console.print(repaired, soft_wrap=True, markup=False)
 
 
 @app.command("fetch")
@@ -172,6 +198,9 @@ def data_fetch(
         200.0, "--max-ratio", help="Refuse archives that unpack to more than this many times their size."
     ),
     force: bool = typer.Option(False, "--force", help="Download and unpack again even if already fetched."),
+    timeout: str = typer.Option(
+        "30s", "--timeout", help="Give up on a server that sends nothing for this long: 30s, 2m ..."
+    ),
 ) -> None:
     """Download or copy a labelled dataset into a folder, verified and unpacked safely.
 
@@ -188,7 +217,15 @@ def data_fetch(
     from visionautoml.data.fetch import fetch, parse_size, read_marker
 
     before = read_marker(out)
-    path = fetch(source, out, sha256, max_size=parse_size(max_size), max_ratio=max_ratio, force=force)
+    path = fetch(
+        source,
+        out,
+        sha256,
+        max_size=parse_size(max_size),
+        max_ratio=max_ratio,
+        force=force,
+        timeout=parse_duration(timeout),
+    )
     after = read_marker(path) or {}
     if before == after:
         message = f"{path}: already holds this content (sha256 {after.get('sha256')}); nothing to do."
@@ -206,6 +243,8 @@ def data_register(
     name: str = typer.Option(..., "--name", "-n", help="Dataset name: letters, digits, '.', '_', '-'."),
     source_format: InputFormat = typer.Option(InputFormat.auto, "--format", "-f", help=FORMAT_HELP),
     datastore_root: Path | None = typer.Option(None, "--datastore-root", help=DATASTORE_HELP),
+    drop_invalid: bool = typer.Option(False, "--drop-invalid", help=DROP_INVALID_HELP),
+    image_root: Path | None = typer.Option(None, "--image-root", help=IMAGE_ROOT_HELP),
     store: str = _STORE_OPTION,
 ) -> None:
     """Register an immutable, numbered version of a dataset and print `NAME:VERSION`.
@@ -222,7 +261,14 @@ def data_register(
     """
     from visionautoml.data.versions import DatasetStore
 
-    version = DatasetStore(store).register(path, name, format=source_format, datastore_root=datastore_root)
+    version = DatasetStore(store).register(
+        path,
+        name,
+        format=source_format,
+        datastore_root=datastore_root,
+        image_root=image_root,
+        drop_invalid=drop_invalid,
+    )
     if version.reused:
         err_console.print(f"identical content is already {version.ref}; nothing copied.")
     else:
@@ -291,6 +337,7 @@ def data_show(
         ("classes", ", ".join(version.classes)),
         ("created", version.created),
         ("source", version.source),
+        ("repairs", repairs_line(version.repairs) or "none"),
     ):
         table.add_row(field, value)
     console.print(table)

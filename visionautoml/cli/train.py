@@ -37,6 +37,11 @@ def train(
     ),
     settings: list[str] = typer.Option([], "--set", help=SET_HELP),
     datastore_root: Path | None = typer.Option(None, "--datastore-root", help=DATASTORE_HELP),
+    drop_invalid: bool = typer.Option(
+        False,
+        "--drop-invalid",
+        help="Skip images with errors (each reported) instead of failing: invalid_data: drop.",
+    ),
 ) -> None:
     """Train a detector: one trial, or a sweep when the config has a search_space or limits.max_trials > 1.
 
@@ -66,6 +71,7 @@ def train(
         "validation_data": validation_data,
         "experiment_name": experiment,
         "datastore_root": str(datastore_root) if datastore_root else None,
+        "invalid_data": "drop" if drop_invalid else None,
     }
     with masked_output():
         register_environment_credentials()

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import glob
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,12 @@ import yaml
 from visionautoml.data.annotations import Dataset
 from visionautoml.data.formats import read_dataset
 from visionautoml.data.formats.jsonl import TRAIN_FILE, VALIDATION_FILE
+from visionautoml.data.problems import ProblemLog
 from visionautoml.data.split import split_fraction
 from visionautoml.data.versions import VERSION_FILE, DatasetStore, dataset_digest, image_sha256, parse_ref
 from visionautoml.errors import DataError
+
+log = logging.getLogger(__name__)
 
 MLTABLE_FILE = "MLTable"
 SOURCE_FORMS = (
@@ -70,6 +74,8 @@ class TrainingData:
     """Set when validation was split off the training data: ``PATH (validation_data_size F)``."""
     split_of: str | None = None
     """The ``NAME:VERSION`` both parts were split from, when that was a stored version."""
+    problems: dict[str, ProblemLog] = field(default_factory=dict)
+    """Per role, what reading repaired or skipped (a dataset version records it)."""
 
     def reference(self, role: str) -> str:
         """``NAME:VERSION`` of a stored version, else ``sha256:<first 16 of the digest>``."""
@@ -105,6 +111,7 @@ def resolve_training_data(
     seed: int,
     store_root: str,
     datastore_root: Path | None = None,
+    drop_invalid: bool = False,
 ) -> TrainingData:
     """The training and validation datasets a config names (see the module docstring for the forms)."""
     if not training_data:
@@ -118,7 +125,10 @@ def resolve_training_data(
         validation_given = str(converted_validation)
     training_source = _converted_part(training_source, TRAIN_FILE)
 
-    training = _read(training_source, datastore_root=datastore_root)
+    logs = {"training": ProblemLog(), "validation": ProblemLog()}
+    training = _read(
+        training_source, logs["training"], datastore_root=datastore_root, drop_invalid=drop_invalid
+    )
     if not training.images:
         raise DataError(f"{training_source.describe()}: no annotated images; training needs at least one")
     split_from = split_of = None
@@ -138,7 +148,13 @@ def resolve_training_data(
         validation_source = _converted_part(
             locate(validation_given, store_root, role="validation"), VALIDATION_FILE
         )
-        validation = _read(validation_source, classes=list(training.classes), datastore_root=datastore_root)
+        validation = _read(
+            validation_source,
+            logs["validation"],
+            classes=list(training.classes),
+            datastore_root=datastore_root,
+            drop_invalid=drop_invalid,
+        )
     if not validation.images:
         raise DataError(
             f"no validation images (from {validation_given or training_source.describe()}); give "
@@ -153,6 +169,7 @@ def resolve_training_data(
         validation_source.digest or content_digest(validation),
         split_from,
         split_of,
+        logs,
     )
 
 
@@ -241,9 +258,33 @@ def _converted_part(source: Source, name: str) -> Source:
     return Source((part,), source.ref, source.digest) if part is not None else source
 
 
-def _read(source: Source, *, classes: list[str] | None = None, datastore_root: Path | None = None) -> Dataset:
-    """Read every path of ``source`` into one dataset (an MLTable may name several files)."""
-    parts = [read_dataset(path, classes=classes, datastore_root=datastore_root) for path in source.paths]
+def _read(
+    source: Source,
+    problems: ProblemLog,
+    *,
+    classes: list[str] | None = None,
+    datastore_root: Path | None = None,
+    drop_invalid: bool = False,
+) -> Dataset:
+    """Read every path of ``source`` into one dataset (an MLTable may name several files).
+
+    Repairable problems (a zero-area box, a box partly outside) are repaired with a warning each;
+    an image with an error stops the command unless ``drop_invalid`` skips it with a warning.
+    """
+    parts = []
+    for path in source.paths:
+        parts.append(
+            read_dataset(
+                path,
+                classes=classes,
+                datastore_root=datastore_root,
+                drop_invalid=drop_invalid,
+                problems=problems,
+            )
+        )
+        problems.raise_if_errors(f"reading {path}")
+    for problem in problems.warnings:
+        log.warning("%s", problem)
     if len(parts) == 1:
         return parts[0]
     images, seen = [], set()

@@ -39,7 +39,7 @@ from torchvision.models.detection import (
     SSDLite320_MobileNet_V3_Large_Weights,
 )
 
-from visionautoml.config import TrainingParameters
+from visionautoml.config import NOT_IN_ZOO, TrainingParameters
 from visionautoml.errors import ConfigError
 from visionautoml.models import weights, yolox
 from visionautoml.models.architectures import (
@@ -240,16 +240,6 @@ GENERIC_NAMES = {"yolox": "model_size (small | medium | large | extra_large)"}
 """Cloud model names that stand for a family: the concrete model comes from another parameter."""
 
 
-# Models a cloud config may name that the zoo cannot have, with why and what to use instead.
-NOT_IN_ZOO: dict[str, str] = {
-    name: (
-        f"'{name}' (Ultralytics YOLO) is AGPL-3.0 licensed, which a permissive project cannot ship; "
-        "use model_name: yolox (the same model_size) or ssdlite320_mobilenet_v3_large"
-    )
-    for name in ("yolov5", "yolov8", "yolov9", "yolov10", "yolo11")
-}
-
-
 def get_entry(model_name: str, field: str = "training_parameters.model_name") -> ZooEntry:
     try:
         return ZOO[model_name]
@@ -287,14 +277,30 @@ def concrete_parameters(params: TrainingParameters) -> TrainingParameters:
 
 
 def check_model_names(job: Any) -> None:
-    """Every model a job may train exists here: fails in a second, before any run or data work."""
+    """Every model a job may train exists here and has the weights it asks for: fails before any run.
+
+    Without this, a missing COCO file (an offline machine) would fail every trial of a sweep after
+    its data was read and its runs were created.
+    """
     params = job.training_parameters
-    get_entry(concrete_parameters(params).model_name)
+    names = {concrete_parameters(params).model_name}
     for index, subspace in enumerate(job.search_space):
         distribution = subspace.get("model_name")
+        sizes = subspace.get("model_size")
         for value in (distribution.values or []) if distribution is not None else []:
-            if str(value) not in GENERIC_NAMES:
+            if str(value) in GENERIC_NAMES:
+                for size in (sizes.values or []) if sizes is not None else [params.model_size]:
+                    names.add(yolox.variant_for(str(value), size))
+            else:
                 get_entry(str(value), f"search_space[{index}].model_name")
+                names.add(str(value))
+    pretrained = {params.pretrained}
+    for subspace in job.search_space:
+        if "pretrained" in subspace:
+            pretrained |= set(subspace["pretrained"].values or [])
+    for name in sorted(names):
+        for choice in sorted(pretrained):
+            weights.pretrained_source(get_entry(name), str(choice))
 
 
 def trainable_layers(entry: ZooEntry, params: TrainingParameters) -> int:

@@ -12,10 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 from visionautoml.data.annotations import Dataset, ImageRecord
+from visionautoml.data.images import preview_image
 from visionautoml.data.stats import DatasetStats, compute_stats
+from visionautoml.errors import DataError, first_line
 from visionautoml.reports.page import (
     Section,
     chart_label,
@@ -184,8 +186,8 @@ def _samples(dataset: Dataset, stats: DatasetStats, colours: dict[str, str], cou
         caption = f"{image.name}: {boxes} {'box' if boxes == 1 else 'boxes'} ({labels})"
         try:
             uri = image_uri(_draw_boxes(image, colours), "image/jpeg")
-        except OSError as error:
-            cards.append(f"<figure>{note(f'{image.name}: unreadable ({error})')}</figure>")
+        except (OSError, DataError) as error:
+            cards.append(f"<figure>{note(f'{image.name}: not shown ({first_line(error)})')}</figure>")
             continue
         cards.append(image_html(uri, f"sample {image.name}", caption))
     legend = "Boxes in their class's colour, with the class name; the samples cover as many classes as fit."
@@ -219,13 +221,12 @@ def pick_samples(dataset: Dataset, classes: Sequence[str], count: int) -> list[I
 
 def _draw_boxes(image: ImageRecord, colours: dict[str, str]) -> bytes:
     """The image, EXIF-upright and scaled to ``SAMPLE_SIDE``, with its boxes and labels, as JPEG bytes."""
-    with Image.open(image.path) as opened:
-        picture = ImageOps.exif_transpose(opened).convert("RGB")
-    scale = SAMPLE_SIDE / max(picture.size)
-    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST
-    picture = picture.resize(
-        (max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), resample
-    )
+    picture = preview_image(image.path, SAMPLE_SIDE)  # the guarded decoder: pixel limit, truncation
+    if max(picture.size) < SAMPLE_SIDE:  # small images are enlarged, pixels kept sharp, to read the labels
+        factor = SAMPLE_SIDE / max(picture.size)
+        size = (max(1, round(picture.width * factor)), max(1, round(picture.height * factor)))
+        picture = picture.resize(size, Image.Resampling.NEAREST)
+    scale = picture.width / image.width
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default(size=12)
     for box in image.boxes:

@@ -32,6 +32,7 @@ from matplotlib.patches import Rectangle
 
 from visionautoml.data.annotations import Dataset
 from visionautoml.data.images import decode_image_file
+from visionautoml.errors import DataError, first_line
 from visionautoml.evaluation.metrics import (
     FALSE_POSITIVE,
     IGNORED,
@@ -251,7 +252,11 @@ def validation_images_figure(
 
 def _draw_image(axes: Axes, path: Path) -> None:
     """Show the image downscaled but in its original pixel coordinates, so boxes need no rescaling."""
-    pixels = decode_image_file(path).permute(1, 2, 0).numpy()
+    try:
+        pixels = decode_image_file(path).permute(1, 2, 0).numpy()
+    except DataError as error:
+        axes.text(0.5, 0.5, f"unreadable: {first_line(error, limit=60)}", ha="center", va="center", wrap=True)
+        return
     stride = max(1, math.ceil(max(pixels.shape[:2]) / THUMBNAIL_SIZE))
     shown_height, shown_width = pixels.shape[:2]
     axes.imshow(

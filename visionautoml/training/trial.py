@@ -266,6 +266,7 @@ def load_trial_data(job: JobConfig, params: TrainingParameters) -> TrainingData:
         seed=params.seed,
         store_root=default_store_root(job.workspace),
         datastore_root=Path(job.datastore_root) if job.datastore_root else None,
+        drop_invalid=job.invalid_data == "drop",
     )
 
 

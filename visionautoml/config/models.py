@@ -1,4 +1,4 @@
-"""The one validated configuration object, loaded from YAML.
+"""The one validated configuration object: every section and field, with the cloud service's names.
 
 Names and defaults follow the cloud AutoML-for-images service wherever it has them
 (``model_name``, ``learning_rate``, ``number_of_epochs``, ``limits.max_trials`` ...),
@@ -14,14 +14,9 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from visionautoml.errors import ConfigError
 
 
 class _Strict(BaseModel):
@@ -34,6 +29,15 @@ class _Strict(BaseModel):
         """This model's fields taken from a model that has them all (``Thresholds.of(params)``)."""
         return cls.model_validate({name: getattr(settings, name) for name in cls.model_fields})
 
+
+NOT_IN_ZOO: dict[str, str] = {
+    name: (
+        f"'{name}' (Ultralytics YOLO) is AGPL-3.0 licensed, which a permissive project cannot ship; "
+        "use model_name: yolox (the same model_size) or ssdlite320_mobilenet_v3_large"
+    )
+    for name in ("yolov5", "yolov8", "yolov9", "yolov10", "yolo11")
+}
+"""Models a cloud config may name that cannot be in the zoo: refused at load time, saying what to use."""
 
 DEFAULT_WORKSPACE = ".visionautoml"
 """Where runs, datasets, checkpoints and sweeps live unless a config or option says otherwise."""
@@ -54,7 +58,6 @@ class Thresholds(_Strict):
     def keep(self, scores: Any) -> Any:
         """The mask of ``scores`` (a tensor or an array) a model reports: ``score >= box_score_threshold``."""
         return scores >= self.box_score_threshold
-
 
 
 class Tiling(_Strict):
@@ -144,6 +147,13 @@ class TrainingParameters(Thresholds, Tiling):
         None, description="Stop training after this wall time (the last evaluation still runs)."
     )
 
+    @field_validator("model_name")
+    @classmethod
+    def _available(cls, value: str) -> str:
+        if value in NOT_IN_ZOO:
+            raise ValueError(NOT_IN_ZOO[value])
+        return value
+
 
 Distribution = Literal[
     "choice", "uniform", "loguniform", "normal", "lognormal", "quniform", "qloguniform", "randint"
@@ -229,6 +239,11 @@ def search_space_problems(
                 problems.append(f"{where}: not a training parameter{hint}")
                 continue
             if name == "model_name":
+                problems += [
+                    f"{where}: {NOT_IN_ZOO[value]}"
+                    for value in distribution.values or []
+                    if value in NOT_IN_ZOO
+                ]
                 continue
             for value in distribution.probe_values():
                 try:
@@ -344,6 +359,10 @@ class JobConfig(_Strict):
     training_data: str | None = None
     validation_data: str | None = None
     validation_data_size: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    invalid_data: Literal["error", "drop"] = Field(
+        "error",
+        description="an image with an error that cannot be repaired: refuse the data (error) or skip it",
+    )
     datastore_root: str | None = Field(
         None, description="local copy of the cloud datastore that azureml:// image URLs point into"
     )
@@ -376,70 +395,3 @@ class JobConfig(_Strict):
         credentials = {"tracking": {"username", "password", "token"}}
         canonical = json.dumps(self.model_dump(mode="json", exclude=credentials), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def _format_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration:"]
-    for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {location}: {item['msg']}")
-    lines.append("Fix the field(s) above; `visionautoml train --help` lists the options.")
-    return "\n".join(lines)
-
-
-def load_config(
-    path: str | Path, overrides: dict[str, Any] | None = None, settings: Sequence[str] = ()
-) -> JobConfig:
-    """Read and validate a YAML job config.
-
-    ``overrides`` are top-level keys set on top (None values are skipped); ``settings`` are
-    ``KEY.PATH=VALUE`` strings (``--set``), the value read as YAML, applied last.
-    """
-    return parse_config(read_raw_config(path, overrides, settings), source=str(path))
-
-
-def read_raw_config(
-    path: str | Path, overrides: dict[str, Any] | None = None, settings: Sequence[str] = ()
-) -> dict[str, Any]:
-    """The config file's mapping with the overrides applied, not yet validated."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read the config: {error.strerror or error}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the config must be a YAML mapping of keys to values")
-    raw.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    for setting in settings:
-        apply_setting(raw, setting)
-    return raw
-
-
-def apply_setting(raw: dict[str, Any], setting: str) -> None:
-    """Set ``KEY.PATH=VALUE`` in ``raw`` in place; the value is a YAML scalar, list or mapping."""
-    key, sep, text = setting.partition("=")
-    names = [name.strip() for name in key.split(".")]
-    if not sep or not all(names):
-        raise ConfigError(
-            f"--set {setting}: write KEY.PATH=VALUE, e.g. --set training_parameters.learning_rate=0.01"
-        )
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--set {setting}: the value is not valid YAML ({error})") from None
-    target = raw
-    for name in names[:-1]:
-        child = target.setdefault(name, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {setting}: '{name}' is a value, not a section")
-        target = child
-    target[names[-1]] = value
-
-
-def parse_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
-    try:
-        return JobConfig.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, source)) from None
