@@ -137,6 +137,21 @@ class TrainingParameters(Thresholds, Tiling):
     max_size: Annotated[int, Field(ge=32)] | None = None
     image_size: Annotated[int, Field(ge=32)] | None = None
     apply_automl_train_augmentations: bool = True
+    apply_mosaic_for_yolo: bool | None = Field(
+        None, description="mosaic of four images per sample (default: on for YOLOX, off for the others)"
+    )
+    mixup_probability: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.0, description="share of mosaic samples blended with a second mosaic (YOLOX's mixup)"
+    )
+    no_augmentation_epochs: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="last epochs trained without mosaic and mixup (default: a tenth of the epochs)"
+    )
+    multi_scale: bool = Field(
+        False, description="a random input size per batch (0.67x to 1.33x, multiples of 32): YOLOX, R-CNNs"
+    )
+    weights_ema: bool | None = Field(
+        None, description="evaluate and save a moving average of the weights (default: on for YOLOX)"
+    )
     number_of_workers: Annotated[int, Field(ge=0)] | None = None
 
     validation_metric_type: Literal["voc", "coco", "coco_voc"] = "voc"

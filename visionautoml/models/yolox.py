@@ -158,6 +158,7 @@ class YoloxDetector(YoloxModule):
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
         self.frozen_stages = frozen_stages
+        self.train_sizes: tuple[int, ...] = ()
         for name in frozen_stages:
             getattr(self.backbone.backbone, name).requires_grad_(False)
 
@@ -171,7 +172,10 @@ class YoloxDetector(YoloxModule):
     def forward(  # type: ignore[override]
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        inputs, scales = zip(*(letterbox(image, self.image_size) for image in images), strict=True)
+        size = self.image_size
+        if self.training and self.train_sizes:  # multi_scale: one random size per batch
+            size = self.train_sizes[int(torch.randint(len(self.train_sizes), ()))]
+        inputs, scales = zip(*(letterbox(image, size) for image in images), strict=True)
         batch = torch.stack(inputs)
         features = self.backbone(batch)
         if self.training:

@@ -352,11 +352,37 @@ def build_model(model_name: str, num_classes: int, params: TrainingParameters) -
     source = weights.pretrained_source(entry, params.pretrained)
     backbone_weights = source.state_dict() if source.kind == "imagenet" else None
     module = entry.builder(num_classes, _setup(entry, params, backbone_weights))
+    if params.multi_scale:
+        _train_at_several_sizes(module, entry, params)
     if source.kind in ("coco", "path"):
         report = weights.load_matching(module, source.state_dict())
         report.raise_if_unrelated(source.describe(), model_name)
         log.info("%s weights for %s: %s", source.describe(), model_name, report.summary())
     return module
+
+
+def _train_at_several_sizes(module: nn.Module, entry: ZooEntry, params: TrainingParameters) -> None:
+    """``multi_scale``: each training batch at a random size from 0.67x to 1.33x the input, as YOLO does.
+
+    Evaluation and inference keep the model's own size. torchvision's R-CNN-style transform
+    draws a training size from ``min_size`` when it is a tuple and evaluates at its last entry.
+    """
+    size = entry.input_size(params)
+    base = size.image_size or size.min_size
+    assert base is not None
+    sizes = sorted(
+        {max(32, round(base * factor / 32) * 32) for factor in (0.67, 0.83, 1.0, 1.17, 1.33)} - {base}
+    )
+    if entry.family == "yolox":
+        module.train_sizes = (*sizes, base)
+    elif entry.family in ("faster_rcnn", "retinanet", "fcos"):
+        module.transform.min_size = (*sizes, base)
+    else:
+        raise ConfigError(
+            f"training_parameters.multi_scale: {entry.name} has anchors fixed to its square input "
+            f"(image_size {base}); multi_scale applies to YOLOX and the R-CNN-style models. Use image_size "
+            "in the search_space to try other sizes"
+        )
 
 
 def parameter_count(model_name: str, num_classes: int = 91) -> int:

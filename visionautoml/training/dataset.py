@@ -31,6 +31,7 @@ from visionautoml.data.annotations import Dataset, ImageRecord
 from visionautoml.data.images import decode_image_file
 from visionautoml.errors import DataError
 from visionautoml.models.zoo import InputSize, get_entry
+from visionautoml.training.augment import MosaicDataset, PhasedLoader, mosaic_enabled, plain_epochs
 
 CACHE_BYTES = 1 << 30
 """Decoded images are kept in memory when they fit in 1 GiB (e.g. 200 images of 1333x800)."""
@@ -131,6 +132,16 @@ class DetectionDataset(TorchDataset):
             self._cache[index] = self._image(index)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        image, target = self.raw_sample(index)
+        if self.train and self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return self.finish(image, target, index)
+
+    def raw_sample(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        """The stored uint8 image and its ``boxes`` (BoundingBoxes in its pixels) and ``labels``.
+
+        Augmentations that combine several images (mosaic, mixup) start from these.
+        """
         record = self.records[index]
         image = self._cache.get(index)
         if image is None:
@@ -145,13 +156,16 @@ class DetectionDataset(TorchDataset):
         }
         if self.train:
             target["boxes"] = F.resize(target["boxes"], list(image.shape[1:]))
-            image = tv_tensors.Image(image)
-            if self.transforms is not None:
-                image, target = self.transforms(image, target)
+        return tv_tensors.Image(image), target
+
+    def finish(self, image: torch.Tensor, target: dict[str, Any], index: int) -> tuple[torch.Tensor, Target]:
+        """The sample as a detector takes it: float image in [0, 1], boxes cleaned up, COCO fields."""
+        record = self.records[index]
+        if self.train:
             image, target = self.cleanup(image, target)
             iscrowd = torch.zeros(len(target["labels"]), dtype=torch.int64)
         else:
-            iscrowd = torch.tensor([int(b.iscrowd) for b in boxes], dtype=torch.int64)
+            iscrowd = torch.tensor([int(b.iscrowd) for b in record.boxes], dtype=torch.int64)
         boxes_tensor = target["boxes"].as_subclass(torch.Tensor)
         return F.to_dtype(image.as_subclass(torch.Tensor), torch.float32, scale=True), {
             "boxes": boxes_tensor,
@@ -210,20 +224,31 @@ def make_data_loader(
     *,
     train: bool,
     cache_bytes: int = CACHE_BYTES,
-) -> DataLoader:
+) -> DataLoader | PhasedLoader:
     """A loader for training (shuffled, pre-resized, augmented if enabled) or for evaluation.
 
     Images are decoded up front when they fit in ``cache_bytes``; ``params.number_of_workers``
-    processes (default :func:`default_workers`) then only augment.
+    processes (default :func:`default_workers`) then only augment. With mosaic on, the
+    training loader is a :class:`~visionautoml.training.augment.PhasedLoader`: mosaic (and
+    mixup) samples first, the plain augmentation for the last ``no_augmentation_epochs``.
     """
+    entry = get_entry(params.model_name)
+    size = entry.input_size(params)
     samples = DetectionDataset(
-        dataset,
-        train=train,
-        input_size=get_entry(params.model_name).input_size(params),
-        augment=params.apply_automl_train_augmentations,
+        dataset, train=train, input_size=size, augment=params.apply_automl_train_augmentations
     )
     if samples.decoded_bytes() <= cache_bytes:
         samples.preload()
+    if train and params.apply_automl_train_augmentations and mosaic_enabled(params, entry.family):
+        mosaic = MosaicDataset(
+            samples, size.image_size or size.min_size or 640, mixup=params.mixup_probability
+        )
+        first_plain = params.number_of_epochs - plain_epochs(params) + 1
+        return PhasedLoader(_loader(mosaic, params, train), _loader(samples, params, train), first_plain)
+    return _loader(samples, params, train)
+
+
+def _loader(samples: TorchDataset, params: TrainingParameters, train: bool) -> DataLoader:
     workers = default_workers() if params.number_of_workers is None else params.number_of_workers
     generator = torch.Generator().manual_seed(params.seed)
     batch_size = params.training_batch_size if train else params.validation_batch_size

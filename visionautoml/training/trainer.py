@@ -31,6 +31,7 @@ from visionautoml.errors import TrainingError, first_line
 from visionautoml.files import atomic_path
 from visionautoml.progress import progress_bar
 from visionautoml.tracking.schema import PRIMARY_METRIC
+from visionautoml.training.ema import ModelEMA, ema_enabled
 
 CHECKPOINT_FORMAT = 1
 
@@ -153,12 +154,15 @@ def fit(
     optimizer = build_optimizer((p for p in model.parameters() if p.requires_grad), params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(params, steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    # With an average of the weights, it is evaluated and saved: the model ends holding it.
+    ema = ModelEMA(model) if ema_enabled(params) else None
+    evaluated = ema.module if ema is not None else model
 
     best_path, last_path = checkpoint_paths(checkpoint_dir)
     state = _State()
     resumed_from = None
     if last_path.is_file():
-        state = _load_checkpoint(last_path, model, optimizer, scheduler, scaler, device)
+        state = _load_checkpoint(last_path, model, optimizer, scheduler, scaler, device, ema)
         resumed_from = state.epoch
         if console:
             console.print(f"resuming from epoch {state.epoch} of an interrupted run ({last_path})")
@@ -172,12 +176,14 @@ def fit(
         # run got there, so a resumed run continues like an uninterrupted one (exactly so when
         # augmentation runs in this process, number_of_workers 0).
         seed_everything(params.seed + epoch)
+        if hasattr(train_loader, "set_epoch"):  # mosaic loaders switch to plain samples for the tail
+            train_loader.set_epoch(epoch)
         generator = getattr(train_loader, "generator", None)
         if isinstance(generator, torch.Generator):
             generator.manual_seed(params.seed + epoch)
         started = time.monotonic()
         losses, out_of_time = _train_one_epoch(
-            model, train_loader, optimizer, scheduler, scaler, params, epoch, device, deadline, console
+            model, train_loader, optimizer, scheduler, scaler, params, epoch, device, deadline, console, ema
         )
         record: dict[str, Any] = {**losses, "lr": optimizer.param_groups[0]["lr"]}
         if on_epoch:
@@ -185,14 +191,14 @@ def fit(
 
         final = out_of_time or epoch == params.number_of_epochs
         if epoch % params.evaluation_frequency == 0 or final:
-            metrics = evaluate(model)
+            metrics = evaluate(evaluated)
             record.update(metrics)
             improved = metrics[PRIMARY_METRIC] > state.best_metric
             if improved:
                 state.best_metric, state.best_epoch = float(metrics[PRIMARY_METRIC]), epoch
                 state.best_metrics = dict(metrics)
                 state.evaluations_without_improvement = 0
-                _save_best(best_path, model, epoch, metrics)
+                _save_best(best_path, evaluated, epoch, metrics)
             else:
                 state.evaluations_without_improvement += 1
             if console:
@@ -214,9 +220,9 @@ def fit(
 
         frequency = params.checkpoint_frequency or 1
         if epoch % frequency == 0 or state.stop_reason or epoch == params.number_of_epochs:
-            _save_checkpoint(last_path, model, optimizer, scheduler, scaler, state)
+            _save_checkpoint(last_path, model, optimizer, scheduler, scaler, state, ema)
 
-    if best_path.is_file() and state.best_epoch != epoch:
+    if best_path.is_file() and (state.best_epoch != epoch or ema is not None):
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
     return FitResult(
         best_metrics=state.best_metrics,
@@ -239,6 +245,7 @@ def _train_one_epoch(
     device: torch.device,
     deadline: float | None,
     console: Console | None,
+    ema: ModelEMA | None = None,
 ) -> tuple[dict[str, float], bool]:
     """One pass over the data; returns the mean losses and whether the time budget ran out."""
     model.train()
@@ -271,6 +278,8 @@ def _train_one_epoch(
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                if ema is not None:
+                    ema.update(model)
             count += 1
             sums["loss"] = sums.get("loss", 0.0) + value
             for name, part in loss_dict.items():
@@ -315,9 +324,11 @@ def _save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     state: _State,
+    ema: ModelEMA | None = None,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = {
+        **({"ema": ema.state_dict()} if ema is not None else {}),
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -341,12 +352,15 @@ def _load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     device: torch.device,
+    ema: ModelEMA | None = None,
 ) -> _State:
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"unknown checkpoint format {checkpoint.get('format')!r}")
         model.load_state_dict(checkpoint["model"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint.get("ema") or {"module": checkpoint["model"], "updates": 0})
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
