@@ -68,6 +68,15 @@ class Board:
             if finite(result.get(BEST_KEY)):
                 row["best"] = float(result[BEST_KEY])
 
+    def evaluation_line(self, trial_id: str, result: dict[str, Any]) -> str:
+        """``trial 2 epoch 5: loss 3.2100, mAP 0.6120 (best 0.6310)`` for a log that cannot redraw."""
+        row = self.rows[trial_id]
+        loss = f"loss {result['loss']:.4f}, " if finite(result.get("loss")) else ""
+        value = result.get(PRIMARY_METRIC)
+        score = f"{_abbrev()} {value:.4f}" if finite(value) else f"{_abbrev()} -"
+        best = f" (best {row['best']:.4f})" if "best" in row else ""
+        return f"trial {trial_number(trial_id)} epoch {row['epoch']}: {loss}{score}{best}"
+
     def line(self, trial_id: str) -> str:
         number = trial_number(trial_id)
         row = self.rows[trial_id]
@@ -112,8 +121,11 @@ class BoardCallback(tune.Callback):
         if live.console.is_terminal:
             live.update(board.render())
         elif state != "running" or result is None:
-            # A log file (CI) gets one line per trial start and end instead of a redrawn table.
+            # A log file (CI) gets one line per trial start and end instead of a redrawn table,
             live.console.print(board.line(trial.trial_id), soft_wrap=True, highlight=False)
+        elif not result.get(FINAL_KEY):
+            # and one per evaluation, so the log moves while trials train.
+            live.console.print(board.evaluation_line(trial.trial_id, result), soft_wrap=True, highlight=False)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._show(trial, "running")
@@ -127,6 +139,14 @@ class BoardCallback(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._show(trial, FAILED)
+        if BoardCallback.active is not None and getattr(trial, "error_file", None):
+            # One line, not the worker's traceback: the reason is in the leaderboard, the trace is here.
+            BoardCallback.active[1].console.print(
+                f"trial {trial_number(trial.trial_id)} failed; its traceback: {trial.error_file}",
+                soft_wrap=True,
+                highlight=False,
+                markup=False,
+            )
 
 
 def trial_number(trial_id: str) -> int:

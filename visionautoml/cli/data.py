@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -353,6 +354,7 @@ def data_stats(
     html: Path | None = typer.Option(
         None, "--html", help="Also write a self-contained HTML overview (charts, sample images) here."
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON instead of tables."),
 ) -> None:
     """Summarise a dataset: images, boxes per class, boxes per image, box sizes and shapes.
 
@@ -374,12 +376,16 @@ def data_stats(
             "read. Run `visionautoml data validate` for the details."
         )
     stats = compute_stats(dataset)
-    for table in stats_tables(stats):
-        console.print(table)
+    if as_json:  # stdout holds the JSON alone; what was written is said on stderr
+        typer.echo(json.dumps(stats.to_dict(), indent=2, default=str))
+    else:
+        for table in stats_tables(stats):
+            console.print(table)
+    say = err_console if as_json else console
     if plot is not None:
-        console.print(f"plot written to {plot_stats(dataset, stats, plot, samples)}", soft_wrap=True)
+        say.print(f"plot written to {plot_stats(dataset, stats, plot, samples)}", soft_wrap=True)
     if html is not None:
         from visionautoml.reports.overview import write_overview
 
         page = write_overview(dataset, html, stats=stats, samples=samples, source=str(path))
-        console.print(f"overview written to {page}", soft_wrap=True)
+        say.print(f"overview written to {page}", soft_wrap=True)

@@ -30,7 +30,7 @@ def models_zoo(
 
     *Input* is the default `min_size-max_size` (shorter side scaled to min_size, longer side capped at
     max_size) or the square `image_size` of the SSD family; change it with those parameters.
-    *Freezable* is the number of backbone layers `layers_to_freeze` can freeze. `pretrained: coco`
+    *layers* is the number of backbone layers `layers_to_freeze` can freeze. `pretrained: coco`
     needs a COCO column entry; `imagenet` works for every model.
 
     Examples:
@@ -44,19 +44,22 @@ def models_zoo(
 
     table = Table(title=f"Model zoo (parameters for {num_classes} classes including background)")
     table.add_column("model_name", no_wrap=True)
-    table.add_column("parameters", justify="right")
-    for column in ("input", "COCO", "freezable", "notes"):
-        table.add_column(column)
+    for column in ("params", "input", "COCO", "layers"):
+        table.add_column(column, justify="right" if column == "params" else "left", no_wrap=True)
+    notes = []
     for name, entry in ZOO.items():
+        if entry.note:
+            notes.append(f"{name}: {entry.note}")
         table.add_row(
             name,
             f"{parameter_count(name, num_classes) / 1e6:.1f}M",
             entry.default_size.describe(),
             "yes" if entry.has_coco_weights else "-",
             str(entry.backbone_layers),
-            entry.note,
         )
     console.print(table)
+    for line in notes:  # under the table, so the columns keep their width at 80 columns
+        console.print(line, soft_wrap=True, highlight=False)
 
 
 @app.command("list")

@@ -128,15 +128,27 @@ def pipeline_run(
 
 
 @runs_app.command("list")
-def runs_list(workspace: Path = WorkspaceOption) -> None:
+def runs_list(
+    workspace: Path = WorkspaceOption,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts and CI) instead of a table."),
+) -> None:
     """List the pipeline runs of a workspace, newest last.
 
-    Examples: `visionautoml runs list`, `visionautoml runs list --workspace /srv/visionautoml`
+    Examples: `visionautoml runs list`, `visionautoml runs list --workspace /srv/visionautoml --json`
     """
+    import json
+
     from rich.table import Table
 
     from visionautoml.pipeline.jobs import list_runs
 
+    if as_json:
+        records = list_runs(workspace)
+        rows = [
+            {"id": r.id, "status": r.effective_status(), "step": r.step, "config": r.config} for r in records
+        ]
+        typer.echo(json.dumps(rows, indent=2))
+        return
     table = Table("status", "step", "config")
     table.add_column("run", no_wrap=True)
     for record in list_runs(workspace):
