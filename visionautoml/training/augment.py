@@ -48,8 +48,8 @@ class MosaicDataset(TorchDataset):
     ``base`` is a training :class:`~visionautoml.training.dataset.DetectionDataset`; its
     ``raw_sample`` gives the images and boxes, its ``finish`` turns the result into what a
     detector takes. The output is ``size`` x ``size``: four images each scaled to ``size`` on
-    their longer side meet at a random point of a ``2 size`` canvas, a random affine moves,
-    rotates, shears and scales it, and the centre is cut out.
+    their longer side meet at a random point of a ``2 size`` canvas, its centre is cut out, and a
+    random affine moves, rotates, shears and scales that.
     """
 
     def __init__(self, base: Any, size: int, *, mixup: float = 0.0) -> None:
@@ -109,13 +109,11 @@ class MosaicDataset(TorchDataset):
         boxes = tv_tensors.BoundingBoxes(
             torch.cat(all_boxes).reshape(-1, 4), format="XYXY", canvas_size=(2 * size, 2 * size)
         )
-        image, target = self.affine(
-            tv_tensors.Image(canvas), {"boxes": boxes, "labels": torch.cat(all_labels)}
-        )
+        # The centre first, then the affine: a quarter of the pixels to resample.
         offset = size // 2
-        image = F.crop(image, offset, offset, size, size)
-        target["boxes"] = F.crop(target["boxes"], offset, offset, size, size)
-        return image, target
+        image = F.crop(tv_tensors.Image(canvas), offset, offset, size, size)
+        cropped = F.crop(boxes, offset, offset, size, size)
+        return self.affine(image, {"boxes": cropped, "labels": torch.cat(all_labels)})
 
 
 def _placement(
