@@ -38,6 +38,8 @@ def _assert_boxes_hold_their_colour(image: torch.Tensor, target: dict, classes: 
     colour_of = {index + 1: COLOURS[1 if name == "red_square" else 2] for index, name in enumerate(classes)}
     assert len(target["boxes"]) > 0
     for box, label in zip(target["boxes"].tolist(), target["labels"].tolist(), strict=True):
+        if min(box[2] - box[0], box[3] - box[1]) < 4:
+            continue  # a sliver cut at the border: resampling blurs most of its few pixels
         x0, y0, x1, y1 = (round(value) for value in box)
         region = image[:, y0:y1, x0:x1].reshape(3, -1)
         matching = ((region - colour_of[label][:, None]).abs().max(dim=0).values < 0.12).float().mean()
