@@ -32,6 +32,7 @@ from visionautoml.data.images import decode_image_file
 from visionautoml.errors import DataError
 from visionautoml.models.zoo import InputSize, get_entry
 from visionautoml.training.augment import MosaicDataset, PhasedLoader, mosaic_enabled, plain_epochs
+from visionautoml.training.tiles import TiledSamples
 
 CACHE_BYTES = 1 << 30
 """Decoded images are kept in memory when they fit in 1 GiB (e.g. 200 images of 1333x800)."""
@@ -146,6 +147,10 @@ class DetectionDataset(TorchDataset):
         image = self._cache.get(index)
         if image is None:
             image = self._image(index)
+        return self.sample(image, record)
+
+    def sample(self, image: torch.Tensor, record: ImageRecord) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        """:meth:`raw_sample` of a stored ``image`` of ``record``: a picture, or with tiling a tile of one."""
         boxes = [box for box in record.boxes if not (self.train and box.iscrowd)]
         coordinates = torch.tensor([[b.xmin, b.ymin, b.xmax, b.ymax] for b in boxes], dtype=torch.float32)
         target: dict[str, Any] = {
@@ -237,6 +242,8 @@ def make_data_loader(
     samples = DetectionDataset(
         dataset, train=train, input_size=size, augment=params.apply_automl_train_augmentations
     )
+    if train and params.grid is not None:
+        samples = TiledSamples(samples, params)
     if samples.decoded_bytes() <= cache_bytes:
         samples.preload()
     if train and params.apply_automl_train_augmentations and mosaic_enabled(params, entry.family):

@@ -18,13 +18,14 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from visionautoml.config import TrainingParameters, parse_config
+from visionautoml.config import Tiling, TrainingParameters, parse_config
 from visionautoml.data.annotations import Dataset
 from visionautoml.data.formats import read_dataset
 from visionautoml.errors import ConfigError
 from visionautoml.evaluation.metrics import ImageDetections, ImageGroundTruth
 from visionautoml.evaluation.scoring import EVALUATION_SCORE_FLOOR, Evaluation, evaluate_predictions
 from visionautoml.models.saved import load_model
+from visionautoml.models.tiling import detect_tiled
 from visionautoml.models.zoo import score_threshold_at_most
 from visionautoml.progress import progress_bar
 from visionautoml.tracking.models import resolve_model
@@ -39,12 +40,16 @@ def predict_loader(
     device: str | torch.device,
     *,
     console: Console | None = None,
+    tiling: Tiling | None = None,
+    detections_per_image: int | None = None,
 ) -> tuple[list[ImageGroundTruth], list[ImageDetections]]:
     """Run a torchvision-style detector over ``(images, targets)`` batches, in loader order.
 
     Images are float CHW tensors in [0, 1] at their original size, targets dicts with ``boxes``
     (xyxy pixels), ``labels`` (class index + 1) and optionally ``iscrowd`` and ``name``. The
     module's train/eval mode is restored afterwards, so the trainer can call this mid-training.
+    With ``tiling``, each image's detections are those of whole image + tiles, merged as at
+    inference (:func:`~visionautoml.models.tiling.detect_tiled`), at most ``detections_per_image``.
     """
     ground_truths: list[ImageGroundTruth] = []
     detections: list[ImageDetections] = []
@@ -59,7 +64,8 @@ def predict_loader(
         ):
             task = progress.add_task("validating", total=total)
             for images, targets in loader:
-                outputs = module([image.to(device, non_blocking=True) for image in images])
+                on_device = [image.to(device, non_blocking=True) for image in images]
+                outputs = detect_tiled(module, on_device, tiling, detections_per_image)
                 for image, target, output in zip(images, targets, outputs, strict=True):
                     ground_truths.append(_ground_truth(image, target))
                     detections.append(
@@ -102,6 +108,9 @@ def evaluation_parameters(
     metric_type: str | None = None,
     iou_threshold: float | None = None,
     score_threshold: float | None = None,
+    tile_grid_size: str | None = None,
+    tile_overlap_ratio: float | None = None,
+    tile_predictions_nms_threshold: float | None = None,
 ) -> TrainingParameters:
     """Training parameters holding only the given metric settings, validated as a config would be.
 
@@ -112,6 +121,9 @@ def evaluation_parameters(
         "validation_metric_type": metric_type,
         "validation_iou_threshold": iou_threshold,
         "box_score_threshold": score_threshold,
+        "tile_grid_size": tile_grid_size,
+        "tile_overlap_ratio": tile_overlap_ratio,
+        "tile_predictions_nms_threshold": tile_predictions_nms_threshold,
     }
     raw = {"training_parameters": {key: value for key, value in chosen.items() if value is not None}}
     return parse_config(raw, source="command line").training_parameters
@@ -128,9 +140,9 @@ def evaluate_model(
     """Score a saved or registered model on a labelled dataset; returns the evaluation and the data read.
 
     ``model`` is ``runs:/RUN_ID/model``, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a
-    saved-model folder. The metric settings come from ``params``; a ``box_score_threshold`` not set
-    explicitly there is the model's own. The dataset's classes are read in the model's label order,
-    so class ``i`` of the data is label ``i + 1`` of the model.
+    saved-model folder. The metric settings come from ``params``; a ``box_score_threshold`` or tiling
+    setting not set explicitly there is the model's own. The dataset's classes are read in the model's
+    label order, so class ``i`` of the data is label ``i + 1`` of the model.
     """
     device = _device(device)
     module, spec = load_model(resolve_model(str(model)), device=device)
@@ -143,7 +155,16 @@ def evaluate_model(
     workers = params.number_of_workers if "number_of_workers" in params.model_fields_set else 0
     loader_params = params.model_copy(update={"model_name": spec.model_name, "number_of_workers": workers})
     loader = make_data_loader(dataset, loader_params, train=False)
-    ground_truths, found = predict_loader(module, loader, device, console=console)
+    given = {name: getattr(params, name) for name in Tiling.model_fields if name in params.model_fields_set}
+    tiling = Tiling.model_validate({**spec.tiling.model_dump(), **given})
+    ground_truths, found = predict_loader(
+        module,
+        loader,
+        device,
+        console=console,
+        tiling=tiling,
+        detections_per_image=spec.thresholds.box_detections_per_image,
+    )
     named = [
         replace(truth, name=record.name) for truth, record in zip(ground_truths, dataset.images, strict=True)
     ]

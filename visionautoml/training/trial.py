@@ -196,7 +196,13 @@ def _train_and_log(
     scores = _Scores()
 
     def evaluate(module: torch.nn.Module) -> dict[str, Any]:
-        ground_truths, detections = predict_loader(module, validation_loader, device)
+        ground_truths, detections = predict_loader(
+            module,
+            validation_loader,
+            device,
+            tiling=params,
+            detections_per_image=params.box_detections_per_image,
+        )
         scores.latest = evaluate_predictions(ground_truths, detections, classes, params)
         return scores.latest.metrics
 
