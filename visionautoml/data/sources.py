@@ -30,6 +30,7 @@ import yaml
 from visionautoml.data.annotations import Dataset
 from visionautoml.data.formats import read_dataset
 from visionautoml.data.formats.jsonl import TRAIN_FILE, VALIDATION_FILE
+from visionautoml.data.images import verify_image_file
 from visionautoml.data.problems import ProblemLog
 from visionautoml.data.split import split_fraction
 from visionautoml.data.versions import VERSION_FILE, DatasetStore, dataset_digest, image_sha256, parse_ref
@@ -237,6 +238,25 @@ def _path_entry(entry: Any, mltable: Path, index: int) -> tuple[str, str]:
     )
 
 
+def _complete_images(dataset: Dataset, problems: ProblemLog, drop_invalid: bool) -> Dataset:
+    """The dataset without images that are no complete image file: an error each, or skipped.
+
+    Training would find them only when it decodes them, after its run was created; checked
+    here, a truncated download fails the command before any run, naming the file.
+    """
+    for image in dataset.images:
+        try:
+            verify_image_file(image.path)
+        except DataError as error:
+            problems.error(image.path, str(error).removeprefix(f"{image.path}: "), record=image.path)
+    if not drop_invalid:
+        return dataset
+    skipped = problems.skip_records()
+    return Dataset(
+        [image for image in dataset.images if str(image.path) not in skipped], list(dataset.classes)
+    )
+
+
 def _stored_version(path: Path) -> Source | None:
     """A folder or JSONL of a dataset-store version, recognised by the ``version.json`` beside it."""
     version_file = (path if path.is_dir() else path.parent) / VERSION_FILE
@@ -273,15 +293,10 @@ def _read(
     """
     parts = []
     for path in source.paths:
-        parts.append(
-            read_dataset(
-                path,
-                classes=classes,
-                datastore_root=datastore_root,
-                drop_invalid=drop_invalid,
-                problems=problems,
-            )
+        dataset = read_dataset(
+            path, classes=classes, datastore_root=datastore_root, drop_invalid=drop_invalid, problems=problems
         )
+        parts.append(_complete_images(dataset, problems, drop_invalid))
         problems.raise_if_errors(f"reading {path}")
     for problem in problems.warnings:
         log.warning("%s", problem)

@@ -85,6 +85,17 @@ class ZooEntry:
 
     def input_size(self, params: TrainingParameters) -> InputSize:
         """The input size ``params`` ask for; sizes that do not apply to this family are ignored."""
+        square = self.family in ("yolox", "ssd")
+        if square and (params.min_size or params.max_size):
+            raise ConfigError(
+                f"training_parameters: min_size and max_size apply to the R-CNN-style models, not {self.name}, "
+                "which takes a square image_size; set image_size (or put the sizes in each model's sub-space)"
+            )
+        if not square and params.image_size:
+            raise ConfigError(
+                f"training_parameters.image_size applies to the SSD and YOLOX models, not {self.name}, which "
+                "scales by min_size and max_size; set those (or put the sizes in each model's sub-space)"
+            )
         if self.family == "yolox":
             return InputSize(image_size=params.image_size or self.default_size.image_size, letterbox=True)
         if self.family == "ssd":
