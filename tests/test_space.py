@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from visionautoml.automl import space
+from visionautoml.automl.automatic import DataProfile, automatic_plan
 from visionautoml.config import ParameterDistribution, TrainingParameters, parse_config, search_space_problems
 from visionautoml.errors import ConfigError
 from visionautoml.models.zoo import check_model_names
@@ -152,19 +153,30 @@ def test_the_space_is_checked_when_the_config_loads_naming_the_bad_parameter_and
         check_model_names(job)
 
 
-def test_automatic_space_picks_light_models_on_cpu_and_strong_ones_on_gpu():
-    cpu = space.automatic_space(image_count=200, gpus=0, available_models=ZOO_NAMES)
-    models = [value for subspace in cpu for value in subspace["model_name"].values]
-    assert models == [SSD, FRCNN]
-    assert all("weight_decay" in subspace for subspace in cpu)
-    assert cpu[0]["training_batch_size"].values == [2, 4]
-    gpu = space.automatic_space(image_count=5000, gpus=1, available_models=ZOO_NAMES)
-    gpu_models = [value for subspace in gpu for value in subspace["model_name"].values]
-    assert gpu_models == ["fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn"]
-    assert all("weight_decay" not in subspace for subspace in gpu)
-    assert search_space_problems(cpu + gpu, TrainingParameters()) == []
-    with pytest.raises(ConfigError, match="automatic search space"):
-        space.automatic_space(image_count=10, gpus=0, available_models=["ssd300_vgg16"])
+def test_the_automatic_mode_reads_the_data_the_machine_and_the_time():
+    large = DataProfile(images=160, classes=1, boxes=180, median_relative_side=0.6, small_share=0.0)
+    small = DataProfile(images=160, classes=3, boxes=900, median_relative_side=0.04, small_share=0.5)
+    models = [*ZOO_NAMES, "yolox_nano", "yolox_tiny", "yolox_s"]
+    cpu = automatic_plan(
+        large, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=2, available=models
+    )
+    names = [subspace["model_name"].values[0] for subspace in cpu.subspaces]
+    assert names == ["yolox_nano", "ssdlite320_mobilenet_v3_large"]
+    assert cpu.fixed["image_size"] == 320 and cpu.fixed["apply_mosaic_for_yolo"] is False
+    assert cpu.fixed["max_minutes"] == 9.0  # 2 rounds of 2 trials in 20 minutes
+    assert any("a mosaic would cut most objects apart" in reason for reason in cpu.reasons)
+    tiny = automatic_plan(
+        small, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=2, available=models
+    )
+    assert tiny.fixed["image_size"] == 640 and tiny.fixed["apply_mosaic_for_yolo"] is True
+    epochs = {s["model_name"].values[0]: s["number_of_epochs"].values[0] for s in tiny.subspaces}
+    at_320 = {s["model_name"].values[0]: s["number_of_epochs"].values[0] for s in cpu.subspaces}
+    assert all(epochs[name] < at_320[name] for name in epochs)  # 4x the pixels: fewer epochs in the time
+    gpu = automatic_plan(
+        large, cpus=8, gpus=1, timeout_minutes=60, max_trials=4, max_concurrent=1, available=models
+    )
+    assert [s["model_name"].values[0] for s in gpu.subspaces] == ["yolox_s", "yolox_tiny"]
+    assert search_space_problems(cpu.subspaces + gpu.subspaces, TrainingParameters()) == []
 
 
 def test_trial_parameters_override_the_fixed_ones():

@@ -101,6 +101,12 @@ def start_parent_run(
     return run_id
 
 
+def log_automatic_plan(run_id: str, reasons: list[str], fixed: dict[str, Any]) -> None:
+    """Why the automatic mode chose its space, beside the space itself (``search_space.json``)."""
+    text = "\n".join(f"- {reason}" for reason in reasons) + "\n\nFixed for every trial: " + json.dumps(fixed)
+    Store().log_files(run_id, {"automatic_space.md": text + "\n"})
+
+
 def reopen_run(run_id: str) -> None:
     Store().reopen_run(run_id)
 

@@ -41,12 +41,6 @@ from visionautoml.errors import ConfigError
 
 SubSpace = dict[str, ParameterDistribution]
 
-# Light detectors a 2-core laptop can train in minutes, and the stronger ones worth a GPU.
-CPU_MODELS = ("ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn")
-GPU_MODELS = ("fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
-# Learning-rate ranges per model family: single-stage SSD heads want larger steps than R-CNNs.
-_LEARNING_RATES = {"ssdlite": (0.002, 0.05), "fasterrcnn": (0.002, 0.02), "retinanet": (0.001, 0.01)}
-_DEFAULT_LEARNING_RATE = (0.001, 0.02)
 
 
 @dataclass(frozen=True)
@@ -65,52 +59,6 @@ def searched_names(subspaces: list[SubSpace]) -> list[str]:
     for subspace in subspaces:
         names.update(dict.fromkeys(subspace))
     return list(names)
-
-
-def automatic_space(
-    *, image_count: int, gpus: float, available_models: list[str] | None = None
-) -> list[SubSpace]:
-    """A sensible space when the user asked for several trials but gave no space.
-
-    On CPU only light models are worth trying (a ResNet-50 detector needs hours per epoch
-    there); with a GPU the stronger ones. Small datasets get small batches (more steps per
-    epoch) and a weight-decay search, since they overfit first.
-    """
-    models = list(GPU_MODELS if gpus > 0 else CPU_MODELS)
-    if available_models is not None:
-        models = [name for name in models if name in available_models] or [
-            name for name in CPU_MODELS if name in available_models
-        ]
-        if not models:
-            raise ConfigError(
-                "automatic search space: none of the models it picks from "
-                f"({', '.join(CPU_MODELS + GPU_MODELS)}) is in the model zoo; "
-                "give a search_space in the config (`visionautoml models zoo` lists the models)"
-            )
-    if gpus > 0:
-        batch_sizes = [4, 8] if image_count < 500 else [8, 16]
-    else:
-        batch_sizes = [2, 4] if image_count < 500 else [4, 8]
-    subspaces: list[SubSpace] = []
-    for family in dict.fromkeys(_family(name) for name in models):
-        low, high = _LEARNING_RATES.get(family, _DEFAULT_LEARNING_RATE)
-        subspace: SubSpace = {
-            "model_name": ParameterDistribution(
-                type="choice", values=[name for name in models if _family(name) == family]
-            ),
-            "learning_rate": ParameterDistribution(type="loguniform", min_value=low, max_value=high),
-            "training_batch_size": ParameterDistribution(type="choice", values=batch_sizes),
-        }
-        if image_count < 500:
-            subspace["weight_decay"] = ParameterDistribution(
-                type="loguniform", min_value=1e-5, max_value=1e-3
-            )
-        subspaces.append(subspace)
-    return subspaces
-
-
-def _family(model_name: str) -> str:
-    return model_name.split("_", 1)[0].rstrip("0123456789")
 
 
 def plan_search(subspaces: list[SubSpace], algorithm: str, max_trials: int, seed: int) -> SearchPlan:

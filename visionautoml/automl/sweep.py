@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.live import Live
 
 from visionautoml.automl import compute, runs, space, tuner
+from visionautoml.automl.automatic import AutomaticPlan, DataProfile, automatic_plan
 from visionautoml.automl.leaderboard import (
     Board,
     BoardCallback,
@@ -38,6 +39,7 @@ from visionautoml.automl.outcome import TrainOutcome, register_and_promote
 from visionautoml.automl.schedulers import stop_reasons
 from visionautoml.automl.trial_runner import TrialFunction, finite
 from visionautoml.config import JobConfig
+from visionautoml.data.formats import read_dataset
 from visionautoml.errors import ConfigError, TrainingError, VisionAutoMLError
 from visionautoml.files import atomic_write_text
 from visionautoml.tracking.schema import PRIMARY_METRIC, RunStatus, Tag, TrialState
@@ -60,6 +62,7 @@ class _Prepared:
     validation_ref: str
     validation_digest: str
     image_count: int
+    profile: DataProfile
 
     def refs(self) -> dict[str, str]:
         return {"training": self.training_ref, "validation": self.validation_ref}
@@ -114,10 +117,12 @@ def run_sweep(
         job.compute, on_status=lambda text: console.print(f"[dim]{text}[/dim]")
     ) as cluster:
         console.print(f"Ray: {cluster.describe()}")
-        plan, automatic = _plan(job, prepared.image_count, cluster, console)
+        plan, automatic = _plan(job, prepared, cluster, console)
         parent_run_id = state.get("parent_run_id") or runs.start_parent_run(
-            job, experiment_id, fingerprint, prepared.tags(), plan, automatic
+            job, experiment_id, fingerprint, prepared.tags(), plan, automatic is not None
         )
+        if automatic is not None and not state.get("parent_run_id"):
+            runs.log_automatic_plan(parent_run_id, automatic.reasons, automatic.fixed)
         if resume:
             runs.reopen_run(parent_run_id)
         storage = state.get("storage") or str(
@@ -275,6 +280,7 @@ def _prepare_data(job: JobConfig, state: dict[str, Any], console: Console) -> _P
         validation.ref,
         validation.digest,
         training.image_count + validation.image_count,
+        DataProfile.of(read_dataset(training.annotations)),
     )
 
 
@@ -284,16 +290,32 @@ def _get_version(store: Any, ref: str) -> Any:
 
 
 def _plan(
-    job: JobConfig, image_count: int, cluster: compute.ClusterInfo, console: Console
-) -> tuple[space.SearchPlan, bool]:
-    """The search space (the job's, checked when the config loaded, or the automatic one) and its trials."""
-    subspaces, automatic = list(job.search_space), not job.search_space
-    if automatic:
-        gpus = job.compute.gpus_per_trial or cluster.gpus
-        subspaces = space.automatic_space(
-            image_count=image_count, gpus=gpus, available_models=_available_models()
+    job: JobConfig, prepared: _Prepared, cluster: compute.ClusterInfo, console: Console
+) -> tuple[space.SearchPlan, AutomaticPlan | None]:
+    """The search space (the job's, checked when the config loaded, or the automatic one) and its trials.
+
+    The automatic plan's fixed settings (epochs sized to the time, the recipe) go into the
+    trials' job, ``prepared.job``.
+    """
+    subspaces, automatic = list(job.search_space), None
+    if not job.search_space:
+        automatic = automatic_plan(
+            prepared.profile,
+            cpus=cluster.cpus,
+            gpus=job.compute.gpus_per_trial or cluster.gpus,
+            timeout_minutes=job.limits.timeout_minutes,
+            max_trials=job.limits.max_trials,
+            max_concurrent=job.limits.max_concurrent_trials,
+            available=_available_models() or [],
         )
-        console.print("No search_space given: searching an automatic space (light models on CPU).")
+        subspaces = automatic.subspaces
+        fixed = prepared.job.training_parameters.model_copy(update=automatic.fixed)
+        prepared.job = prepared.job.model_copy(update={"training_parameters": fixed})
+        console.print(
+            "No search_space given: the automatic mode chose the space from the data and the machine:"
+        )
+        for reason in automatic.reasons:
+            console.print(f"  - {reason}", soft_wrap=True, highlight=False)
     plan = space.plan_search(
         subspaces, job.sweep.sampling_algorithm, job.limits.max_trials, job.training_parameters.seed
     )
