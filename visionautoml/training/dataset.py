@@ -41,8 +41,10 @@ Target = dict[str, torch.Tensor]
 
 
 def default_workers() -> int:
-    """Loader processes: half the CPUs this process may use (the model needs the rest), at most 4."""
-    return min(4, len(os.sched_getaffinity(0)) // 2)
+    """Loader processes sized to the machine: with a GPU the CPUs only feed it (all but one, at most 8);
+    on CPU alone the model needs half of them (at most 4)."""
+    cpus = len(os.sched_getaffinity(0))
+    return min(8, cpus - 1) if torch.cuda.is_available() else min(4, cpus // 2)
 
 
 class ScaleJitter(v2.Transform):
