@@ -20,8 +20,9 @@ import pytest
 from typer.testing import CliRunner
 
 from visionautoml.cli import app
-from visionautoml.data.fetch import MARKER, fetch, parse_size, read_marker, redact
+from visionautoml.data.fetch import MARKER, fetch, parse_size, read_marker
 from visionautoml.errors import FetchError
+from visionautoml.redact import public_url
 
 FAST = {"backoff_s": 0.01, "timeout": 10.0}
 
@@ -156,7 +157,7 @@ def test_404_is_not_retried_and_secrets_stay_out_of_the_message(server: Server, 
     assert len(server.requests) == 1
     assert server.requests[0]["Authorization"] == "Basic " + base64.b64encode(b"alice:s3cret-pw").decode()
     assert "sig=SAS-TOKEN-123" in server.requests[0]["path"]
-    assert redact(url) == f"{server.url}/data.zip?…"
+    assert public_url(url) == f"{server.url}/data.zip?…"
 
 
 def test_checksum_mismatch_writes_nothing(server: Server, tmp_path: Path) -> None:

@@ -21,17 +21,12 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from rich.console import Console
 from rich.progress import (
-    BarColumn,
-    DownloadColumn,
     Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 
 from visionautoml.errors import FetchError
+from visionautoml.progress import progress_bar
 
 # Below this unpacked size a high compression ratio is harmless (a small text file of zeros).
 RATIO_FLOOR = 16 * 2**20
@@ -41,16 +36,7 @@ _COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.o
 
 
 def byte_progress() -> Progress:
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not console.is_terminal,
-    )
+    return progress_bar(transfer=True)
 
 
 def describe(error: object) -> str:

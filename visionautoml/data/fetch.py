@@ -33,6 +33,7 @@ from pydantic import ByteSize, TypeAdapter, ValidationError
 from visionautoml.data.archives import byte_progress, describe, unpack
 from visionautoml.errors import FetchError
 from visionautoml.files import atomic_path, sha256_file
+from visionautoml.redact import public_url
 
 MARKER = ".visionautoml-fetch.json"
 DEFAULT_MAX_SIZE = 10 * 2**30
@@ -88,7 +89,7 @@ def fetch(
         return out_dir
 
     kind, location = _classify(source)
-    shown = redact(source)
+    shown = public_url(source)
     if kind == "folder":
         if expected:
             raise FetchError(
@@ -139,15 +140,6 @@ def read_marker(out_dir: str | Path) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) else None
 
 
-def redact(source: str) -> str:
-    """The source without credentials or query string (SAS tokens live there), safe to print."""
-    parts = urllib.parse.urlsplit(source)
-    if parts.scheme not in ("http", "https"):
-        return source
-    query = "…" if parts.query else ""
-    return urllib.parse.urlunsplit((parts.scheme, _host_and_port(parts), parts.path, query, ""))
-
-
 def parse_size(text: str) -> int:
     """``10GiB``, ``500MB`` or a plain byte count, for the ``--max-size`` option (pydantic's ByteSize)."""
     try:
@@ -183,7 +175,7 @@ def _classify(source: str) -> tuple[str, str]:
     parts = urllib.parse.urlsplit(source)
     if parts.scheme in ("http", "https"):
         if not parts.hostname:
-            raise FetchError(f"{redact(source)}: URL has no host name.")
+            raise FetchError(f"{public_url(source)}: URL has no host name.")
         return "url", source
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):

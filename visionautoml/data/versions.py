@@ -36,15 +36,16 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
+from visionautoml.config import DEFAULT_WORKSPACE
 from visionautoml.data.annotations import Dataset, ImageRecord
 from visionautoml.data.formats import read_dataset, without_skipped, write_dataset
 from visionautoml.data.images import verify_image_file
 from visionautoml.data.problems import ProblemLog
 from visionautoml.errors import DataError
 from visionautoml.files import sha256_file
+from visionautoml.progress import progress_bar
 
 VERSION_FILE = "version.json"
 ANNOTATIONS_FILE = "annotations.jsonl"
@@ -82,7 +83,7 @@ class DatasetVersion:
         return f"{self.path}/{ANNOTATIONS_FILE}"
 
 
-def default_store_root(workspace: str | Path = ".visionautoml") -> str:
+def default_store_root(workspace: str | Path = DEFAULT_WORKSPACE) -> str:
     return str(Path(workspace).expanduser() / "datasets")
 
 
@@ -408,15 +409,7 @@ def _check_image_names(dataset: Dataset, source: str) -> None:
 
 
 def _progress() -> Progress:
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not console.is_terminal,
-    )
+    return progress_bar(eta=True)
 
 
 def _hash_images(images: list[ImageRecord]) -> dict[str, str]:
