@@ -38,6 +38,7 @@ CREDENTIAL_VARIABLES = (
     "AZURE_STORAGE_KEY",
     "AZURE_CLIENT_SECRET",
     "GITHUB_TOKEN",
+    "RAY_AUTH_TOKEN",
 )
 _URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
