@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
+import re
+import signal
 import socket
+import struct
 import subprocess
 import sys
-import threading
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,12 +22,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi import HTTPException
 from PIL import Image
 
 from visionautoml.data.images import decode_image_bytes
 from visionautoml.deploy.runtime import OnnxPredictor
-from visionautoml.deploy.serve import ServeSettings, _InferencePool
 from visionautoml.models.predictor import automl_boxes
 
 pytestmark = pytest.mark.slow
@@ -42,6 +43,29 @@ class Server:
     def post(self, path: str = "/score", **kwargs) -> httpx.Response:
         return httpx.post(self.url + path, timeout=60, **kwargs)
 
+    def workers(self) -> list[int]:
+        """PIDs of the worker processes the supervisor (our `serve` process) spawned."""
+        found = []
+        for children in Path(f"/proc/{self.process.pid}/task").glob("*/children"):
+            for pid in children.read_text().split():
+                try:
+                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        found.append(int(pid))
+                except FileNotFoundError:
+                    continue
+        return sorted(found)
+
+    def wait_until_healthy(self, seconds: float = 240) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            assert self.process.poll() is None, f"the server exited:\n{self.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the server did not answer:\n{self.log.read_text()[-3000:]}"
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.3)
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -49,43 +73,49 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(deploy_model, deploy_registry, tmp_path_factory) -> Iterator[Server]:
-    tracking_uri, model_uri = deploy_registry
-    log = tmp_path_factory.mktemp("serve") / "server.log"
+def start_server(arguments: list[str], log: Path, env: dict[str, str]) -> Iterator[Server]:
+    """`visionautoml serve ARGUMENTS` until the test module is done; its workers are stopped too, by PID."""
     port = free_port()
-    env = {**os.environ, "VISIONAUTOML_API_KEY": API_KEY, "MLFLOW_TRACKING_URI": tracking_uri}
-    command = [
-        sys.executable,
-        "-m",
-        "visionautoml.cli",
-        "serve",
-        model_uri,
-        "--onnx",
-        str(deploy_model.export),
-    ]
-    command += ["--port", str(port), "--max-body-mb", "0.25", "--max-images", "3", "--max-pixels", "1000000"]
+    command = [sys.executable, "-m", "visionautoml.cli", "serve", *arguments, "--port", str(port)]
     with log.open("w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
     running = Server(f"http://127.0.0.1:{port}", process, log)
+    workers: list[int] = []
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert process.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"the server did not start:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(running.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+        running.wait_until_healthy()
         yield running
     finally:
+        workers = running.workers() if process.poll() is None else []
         process.terminate()
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        for pid in workers:  # the supervisor stops them; one left over (it was killed hard) is stopped here
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(deploy_model, deploy_registry, tmp_path_factory) -> Iterator[Server]:
+    tracking_uri, model_uri = deploy_registry
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = {**os.environ, "VISIONAUTOML_API_KEY": API_KEY, "MLFLOW_TRACKING_URI": tracking_uri}
+    arguments = [model_uri, "--onnx", str(deploy_model.export), "--max-body-mb", "0.25", "--max-images", "3"]
+    arguments += ["--max-pixels", "1000000", "--max-request-pixels", "2000000"]
+    yield from start_server(arguments, log, env)
+
+
+@pytest.fixture(scope="module")
+def open_server(deploy_model, tmp_path_factory) -> Iterator[Server]:
+    """No API key, docs public, one inference thread that gathers requests for up to 2 s."""
+    log = tmp_path_factory.mktemp("serve-open") / "server.log"
+    env = {key: value for key, value in os.environ.items() if key != "VISIONAUTOML_API_KEY"}
+    arguments = [str(deploy_model.export), "--public-docs", "--concurrency", "1", "--max-batch", "4"]
+    arguments += ["--batch-wait", "2s"]
+    yield from start_server(arguments, log, env)
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +135,23 @@ def assert_same_boxes(actual: list[dict], expected: list[dict], tolerance: float
         ), item
 
 
-def test_probes_and_docs_are_open(server):
+def test_probes_are_open_and_the_docs_need_the_key(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     assert httpx.get(server.url + "/ready").json() == {"status": "ready", "backend": "onnx"}
-    docs = httpx.get(server.url + "/docs")
+    for path in ("/docs", "/openapi.json", "/metrics", "/redoc"):
+        assert httpx.get(server.url + path).status_code in (401, 404), path
+    assert httpx.get(server.url + "/docs").status_code == 401
+    docs = httpx.get(server.url + "/docs", headers=KEY)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
-    score = httpx.get(server.url + "/openapi.json").json()["paths"]["/score"]["post"]
+    schema = httpx.get(server.url + "/openapi.json", headers=KEY).json()
+    score = schema["paths"]["/score"]["post"]
     assert set(score["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    assert "/docs" not in schema["paths"] and "/metrics" in schema["paths"]
+
+
+def test_public_docs_open_the_docs_only(open_server):
+    assert httpx.get(open_server.url + "/docs").status_code == 200
+    assert "/score" in httpx.get(open_server.url + "/openapi.json").json()["paths"]
 
 
 def test_metadata_names_the_registered_version_and_needs_the_key(server):
@@ -119,7 +159,7 @@ def test_metadata_names_the_registered_version_and_needs_the_key(server):
     metadata = httpx.get(server.url + "/metadata", headers=KEY).json()
     assert metadata["model_name"] == "ssdlite320_mobilenet_v3_large"
     assert (metadata["registered_model"], metadata["version"]) == ("deploy-tiny", "1")
-    assert metadata["backend"] == "onnx"
+    assert metadata["backend"] == "onnx" and metadata["precision"] == "fp32"
     assert metadata["labels"] == ["blue_square", "red_square"]
     assert metadata["thresholds"] == {
         "box_score_threshold": 0.05,
@@ -184,6 +224,17 @@ def png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
+def png_with_too_little_data() -> bytes:
+    """Issue 11's 69 bytes: a valid IHDR for 10x10 RGB, an IDAT of 100 zero bytes compressed, IEND."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 10, 10, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+    return data + chunk(b"IEND", b"")
+
+
 def test_bad_input_gets_a_4xx_with_a_message_and_the_server_stays_up(server, images):
     name, data = images[0]
     chunk = b"x" * 65536
@@ -223,6 +274,12 @@ def test_bad_input_gets_a_4xx_with_a_message_and_the_server_stays_up(server, ima
             "pixels is over the limit",
             {"files": {"file": ("bomb.png", png(2000, 2000))}},
         ),
+        (
+            "too many pixels together",
+            413,
+            "over the limit of 2,000,000 per request",
+            {"files": [("files", (f"{n}.png", png(1000, 1000))) for n in range(3)]},
+        ),
         ("a large body", 413, "bytes; the limit is", {"files": {"file": ("big.jpg", b"\xff" * 300_000)}}),
         ("a large stream", 413, "larger than the limit", {"content": iter([chunk] * 6), "headers": KEY}),
     ]
@@ -234,6 +291,96 @@ def test_bad_input_gets_a_4xx_with_a_message_and_the_server_stays_up(server, ima
     assert httpx.get(server.url + "/health").status_code == 200
     assert server.post(files={"file": (name, data)}, headers=KEY).status_code == 200
     assert server.process.poll() is None
+
+
+def test_the_69_byte_png_is_a_4xx_and_the_same_worker_answers_on(server, images):
+    data = png_with_too_little_data()
+    assert len(data) == 69
+    workers = server.workers()
+    assert len(workers) == 1
+    for request in (
+        {"files": {"file": ("short.png", data, "image/png")}},
+        {"json": {"input_data": {"data": [base64.b64encode(data).decode()]}}},
+    ):
+        response = server.post(headers=KEY, **request)
+        assert response.status_code == 422, response.text
+        assert "cannot decode" in response.json()["detail"]
+        assert httpx.get(server.url + "/health").status_code == 200
+    assert server.workers() == workers  # not restarted: the worker never went down
+    name, jpeg = images[0]
+    assert server.post(files={"file": (name, jpeg)}, headers=KEY).status_code == 200
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus' text format (0 if absent)."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(wanted) + r"\}" if labels else "") + r" ([0-9.e+-]+)$"
+    found = [float(match.group(1)) for match in re.finditer(pattern, text, re.MULTILINE)]
+    return found[0] if found else 0.0
+
+
+def test_metrics_count_requests_errors_latency_and_batches(server, images):
+    before = httpx.get(server.url + "/metrics", headers=KEY)
+    assert before.status_code == 200 and before.headers["content-type"].startswith(
+        "text/plain; version=0.0.4"
+    )
+    name, data = images[0]
+    server.post(files={"file": (name, data)}, headers=KEY)
+    server.post(files={"file": ("notes.jpg", b"not a picture")}, headers=KEY)
+    server.post(files={"file": (name, data)})
+    text = httpx.get(server.url + "/metrics", headers=KEY).text
+    ok = {"method": "POST", "endpoint": "/score", "status": "200"}
+    assert (
+        metric(text, "visionautoml_requests_total", **ok)
+        == metric(before.text, "visionautoml_requests_total", **ok) + 1
+    )
+    for status in ("415", "401"):
+        labels = {"endpoint": "/score", "status": status}
+        assert metric(text, "visionautoml_request_errors_total", **labels) >= 1, status
+    count = metric(text, "visionautoml_request_duration_seconds_count", endpoint="/score")
+    assert count >= 3 and metric(text, "visionautoml_request_duration_seconds_sum", endpoint="/score") > 0
+    assert metric(text, "visionautoml_request_duration_seconds_bucket", endpoint="/score", le="+Inf") == count
+    assert (
+        metric(text, "visionautoml_batch_size_count") >= 1 and metric(text, "visionautoml_images_total") >= 1
+    )
+    assert "# TYPE visionautoml_batch_size histogram" in text
+
+
+def test_concurrent_requests_are_gathered_into_one_inference_call(open_server, images):
+    def score(index: int) -> list[dict]:
+        name, data = images[index]
+        response = open_server.post(files={"file": (name, data)})
+        assert response.status_code == 200, response.text
+        return response.json()[0]["boxes"]
+
+    alone = [score(index) for index in range(4)]
+    before = httpx.get(open_server.url + "/metrics").text
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(score, range(4)))
+    after = httpx.get(open_server.url + "/metrics").text
+    calls = metric(after, "visionautoml_batch_size_count") - metric(before, "visionautoml_batch_size_count")
+    scored = metric(after, "visionautoml_batch_size_sum") - metric(before, "visionautoml_batch_size_sum")
+    assert scored == 4 and calls < 4  # one inference thread, and it gathered requests into a batch
+    for batched, single in zip(together, alone, strict=True):
+        assert_same_boxes(batched, single)
+    # Alone, a request does not wait out the 2 s window: nothing else was on its way.
+    started = time.monotonic()
+    score(0)
+    assert time.monotonic() - started < 2
+
+
+def test_a_killed_worker_is_replaced_and_the_service_answers_again(open_server, images):
+    [worker] = open_server.workers()
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 240
+    while not (open_server.workers() and open_server.workers() != [worker]):
+        assert time.monotonic() < deadline, open_server.log.read_text()[-3000:]
+        time.sleep(0.2)
+    open_server.wait_until_healthy()
+    name, data = images[0]
+    assert open_server.post(files={"file": (name, data)}).status_code == 200
+    assert open_server.process.poll() is None
+    assert "died" in open_server.log.read_text()
 
 
 def test_concurrent_requests_are_all_answered(server, images):
@@ -287,29 +434,3 @@ def test_pyfunc_of_the_registered_model_answers_like_the_service(server, images,
     assert len(from_pyfunc) == 2
     for row, answer in zip(from_pyfunc, served, strict=True):
         assert_same_boxes(row["boxes"], answer["boxes"])
-
-
-def test_inference_pool_times_out_and_sheds_load():
-    async def scenario() -> None:
-        pool = _InferencePool(ServeSettings(concurrency=1, queue=0, timeout_s=0.2))
-        release = threading.Event()
-        first = asyncio.ensure_future(pool.run(release.wait))
-        await asyncio.sleep(0.05)
-        with pytest.raises(HTTPException) as busy:
-            await pool.run(lambda: "never runs")
-        assert busy.value.status_code == 503
-        with pytest.raises(HTTPException) as late:
-            await first
-        assert late.value.status_code == 504 and "longer than 0.2 s" in late.value.detail
-        release.set()
-        for _ in range(100):
-            try:
-                assert await pool.run(lambda: "answered") == "answered"
-                break
-            except HTTPException:
-                await asyncio.sleep(0.05)
-        else:
-            pytest.fail("the pool did not take work again after the blocked inference finished")
-        pool.shutdown()
-
-    asyncio.run(scenario())

@@ -3,43 +3,60 @@
 torchvision detectors export with the legacy TorchScript-based exporter (``dynamo=False``,
 opset 17), which keeps the whole inference path in the graph: resizing, normalisation,
 box decoding, NMS and scaling the boxes back to the input size. The dynamo exporter fails
-on their ``batched_nms``. The graph takes one float CHW image in [0, 1] of any height and
-width; the runtime loops over a batch, as the PyTorch model does inside.
+on their ``batched_nms``. ``model.onnx`` takes one float CHW image in [0, 1] of any height
+and width; the SSD family also gets a batched path (:mod:`visionautoml.deploy.graphs`),
+checked against the one-image graph image by image.
 
 The graph is exported with a low score threshold (:data:`RAW_SCORE_THRESHOLD`) and the
 model's own threshold is applied by the runtime from ``settings.json``. NMS is greedy by
 score, so every box above the model's threshold survives exactly as it would in PyTorch;
 meanwhile the parity check sees the model's top detections even on images where none
 would pass the real threshold, and a service can raise the threshold without a re-export.
+
+``--quantize int8`` then replaces the checked fp32 graphs by int8 ones, guarded by the
+accuracy gate of :mod:`visionautoml.deploy.quantize` instead of box parity.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
-import os
-import sys
-import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
 import torch
 import torchvision.ops.poolers
 from torch import nn
 
 from visionautoml.data.images import decode_image_file
+from visionautoml.deploy.graphs import OPSET, export_batched_path, has_batched_path, trace_to_onnx
+from visionautoml.deploy.parity import (
+    PARITY_TOLERANCE_PX,
+    PARITY_TOP_K,
+    ParityReport,
+    check_against,
+    check_parity,
+)
 from visionautoml.deploy.predict import collect_images
+from visionautoml.deploy.quantize import (
+    GATE_TOLERANCE,
+    CalibrationMethod,
+    ValidationSet,
+    quantize_export,
+    validation_set,
+)
 from visionautoml.deploy.runtime import (
     LABELS_FILE,
     ONNX_FILE,
     PARITY_FILE,
     SETTINGS_FILE,
+    AccuracyGate,
+    BatchedPath,
     ExportSettings,
+    OnnxPredictor,
     make_session,
     quiet_downloads,
 )
@@ -48,14 +65,12 @@ from visionautoml.files import atomic_path, atomic_write_text
 from visionautoml.models.saved import load_model
 from visionautoml.models.zoo import RAW_SCORE_THRESHOLD, score_threshold, score_threshold_at_most
 
+__all__ = ["OPSET", "PARITY_TOLERANCE_PX", "PARITY_TOP_K", "ParityReport", "check_parity"]
+
 log = logging.getLogger(__name__)
 
-OPSET = 17
-PARITY_TOLERANCE_PX = 0.01
-PARITY_TOP_K = 10
 PARITY_IMAGES = 4
-# Scores of matching detections differ by float rounding only; a larger gap means another box.
-_SCORE_TOLERANCE = 1e-4
+Quantize = Literal["none", "int8"]
 
 
 class ExportError(VisionAutoMLError):
@@ -76,42 +91,21 @@ class _SingleImageDetector(nn.Module):
 
 
 @dataclass(frozen=True, slots=True)
-class ParityReport:
-    """ONNX Runtime against PyTorch on the same images: the top detections must be the same boxes."""
-
-    images: int
-    compared: int
-    unmatched: int
-    max_box_diff_px: float
-    max_score_diff: float
-    count_differences: int
-    tolerance_px: float
-    sample_source: str
-    scope: str = "all"
-
-    @property
-    def passed(self) -> bool:
-        return self.compared > 0 and self.unmatched == 0 and self.max_box_diff_px <= self.tolerance_px
-
-    def summary(self) -> str:
-        verdict = "passed" if self.passed else "FAILED"
-        return (
-            f"parity {verdict}: {self.compared} top detections ({self.scope}) on {self.images} "
-            f"{self.sample_source} image(s), max box difference {self.max_box_diff_px:.2g} px "
-            f"(tolerance {self.tolerance_px:g}), max score difference {self.max_score_diff:.2g}, "
-            f"{self.unmatched} without a match"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
-
-
-@dataclass(frozen=True, slots=True)
 class ExportResult:
     directory: Path
     settings: ExportSettings
     parity: ParityReport
+    batched_parity: ParityReport | None = None
+    gate: AccuracyGate | None = None
     recorded_on: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [self.parity.summary()]
+        if self.batched_parity is not None:
+            lines.append(f"batched path: {self.batched_parity.summary()} (against the one-image graph)")
+        if self.gate is not None:
+            lines.append(self.gate.summary())
+        return "\n".join(lines)
 
 
 def export_detector(detector: nn.Module, path: Path, sample: torch.Tensor, *, model_name: str) -> list[str]:
@@ -120,88 +114,18 @@ def export_detector(detector: nn.Module, path: Path, sample: torch.Tensor, *, mo
     with torch.no_grad():
         keys = list(detector([sample])[0].keys())
     wrapper = _SingleImageDetector(detector, keys).eval()
-    buffer = io.BytesIO()
+    axes = {"image": {1: "height", 2: "width"}, **{key: {0: "detections"} for key in keys}}
     try:
-        with warnings.catch_warnings(), _quiet_exporter(), _roi_levels_merged_by_gather(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapper,
-                (sample,),
-                buffer,
-                dynamo=False,
-                opset_version=OPSET,
-                input_names=["image"],
-                output_names=keys,
-                dynamic_axes={"image": {1: "height", 2: "width"}, **{key: {0: "detections"} for key in keys}},
-                do_constant_folding=True,
-            )
+        with _roi_levels_merged_by_gather():
+            graph = trace_to_onnx(wrapper, (sample,), ["image"], keys, axes)
     except Exception as error:
         raise ExportError(
             f"{model_name} does not export to ONNX ({type(error).__name__}: {first_line(error)}). "
             "Serve or predict with PyTorch instead: `visionautoml serve MODEL` uses PyTorch when no "
             "export exists"
         ) from None
-    path.write_bytes(buffer.getvalue())
+    path.write_bytes(graph)
     return keys
-
-
-def check_parity(
-    detector: nn.Module,
-    session: Any,
-    output_names: Sequence[str],
-    images: Sequence[torch.Tensor],
-    *,
-    sample_source: str,
-    min_score: float = 0.0,
-    top_k: int = PARITY_TOP_K,
-    tolerance_px: float = PARITY_TOLERANCE_PX,
-) -> ParityReport:
-    """Match PyTorch's top ``top_k`` detections of each image to ONNX ones with the same label and score.
-
-    The detections compared are those a user sees (score above ``min_score``); only if no
-    image has any are the best ones below it compared instead. Low-score boxes are left out
-    because near-equal ones overlap: a rounding difference upstream can make NMS keep the
-    other one of a pair, which says nothing about the export. Detections are matched, not
-    compared by rank, as equal scores may come out in either order.
-    """
-    runs = []
-    detector.eval()
-    for image in images:
-        pixels = image.float() / 255.0
-        with torch.no_grad():
-            expected = {key: value.numpy() for key, value in detector([pixels])[0].items()}
-        actual = dict(zip(output_names, session.run(None, {"image": pixels.numpy()}), strict=True))
-        runs.append((expected, actual))
-    floor = min_score if any((expected["scores"] > min_score).any() for expected, _ in runs) else -1.0
-    compared = unmatched = count_differences = 0
-    max_box = max_score = 0.0
-    for expected, actual in runs:
-        count_differences += int(np.sum(expected["scores"] > floor) != np.sum(actual["scores"] > floor))
-        order = np.argsort(-expected["scores"], kind="stable")
-        for index in order[expected["scores"][order] > floor][:top_k]:
-            compared += 1
-            candidates = np.flatnonzero(
-                (actual["labels"] == expected["labels"][index])
-                & (np.abs(actual["scores"] - expected["scores"][index]) <= _SCORE_TOLERANCE)
-            )
-            if candidates.size == 0:
-                unmatched += 1
-                continue
-            box_diffs = np.abs(actual["boxes"][candidates] - expected["boxes"][index]).max(axis=1)
-            best = candidates[int(np.argmin(box_diffs))]
-            max_box = max(max_box, float(box_diffs.min()))
-            max_score = max(max_score, float(abs(actual["scores"][best] - expected["scores"][index])))
-    return ParityReport(
-        images=len(images),
-        compared=compared,
-        unmatched=unmatched,
-        max_box_diff_px=max_box,
-        max_score_diff=max_score,
-        count_differences=count_differences,
-        tolerance_px=tolerance_px,
-        sample_source=sample_source,
-        scope=f"score > {min_score:g}" if floor == min_score else f"best below the threshold {min_score:g}",
-    )
 
 
 def export_saved_model(
@@ -212,16 +136,24 @@ def export_saved_model(
     *,
     sample_source: str,
     tolerance_px: float = PARITY_TOLERANCE_PX,
+    quantize: Quantize = "none",
+    validation: ValidationSet | None = None,
+    gate_tolerance: float = GATE_TOLERANCE,
+    calibration: CalibrationMethod = "minmax",
 ) -> ExportResult:
-    """Export, check parity and write the export folder; nothing is written unless parity passes.
+    """Export, check parity (and the int8 gate) and write the export folder; nothing is written on failure.
 
     ``settings`` carry the model's own thresholds; the graph gets the lower
     :data:`RAW_SCORE_THRESHOLD` (see the module docstring). ``detector`` is left as it was.
+    ``quantize="int8"`` needs ``validation``: the annotated images it calibrates and gates on.
     """
     if not images:
         raise DataError("the parity check needs at least one sample image")
+    if quantize == "int8" and validation is None:
+        raise DataError("an int8 export needs annotated validation images for its accuracy gate")
     out_dir = Path(out_dir)
     graph_threshold = min(RAW_SCORE_THRESHOLD, settings.thresholds.box_score_threshold)
+    batched_parity = gate = None
     with score_threshold_at_most(detector, graph_threshold), atomic_path(out_dir, directory=True) as folder:
         sample = images[0].float() / 255.0
         outputs = export_detector(detector, folder / ONNX_FILE, sample, model_name=settings.model_name)
@@ -229,32 +161,91 @@ def export_saved_model(
             outputs=outputs, opset=OPSET, graph_score_threshold=score_threshold(detector)
         )
         session = make_session(folder / ONNX_FILE)
+        min_score = settings.thresholds.box_score_threshold
         parity = check_parity(
             detector,
             session,
             outputs,
             images,
             sample_source=sample_source,
-            min_score=settings.thresholds.box_score_threshold,
+            min_score=min_score,
             tolerance_px=tolerance_px,
         )
-        atomic_write_text(folder / PARITY_FILE, json.dumps(parity.to_dict(), indent=2) + "\n")
-        if parity.compared == 0:
-            raise ExportError(
-                f"{settings.model_name}: no detections on the {len(images)} sample image(s), so the "
-                "export could not be checked; pass images that show the objects (--images)"
+        record: dict[str, Any] = parity.to_dict()
+        atomic_write_text(folder / PARITY_FILE, json.dumps(record, indent=2) + "\n")
+        _refuse_unless(parity, settings, out_dir, len(images), against="PyTorch")
+        if has_batched_path(detector):
+            settings, batched_parity = _add_batched_path(detector, folder, settings, images, outputs, parity)
+            record["batched"] = batched_parity.to_dict()
+            _refuse_unless(batched_parity, settings, out_dir, len(images), against="the one-image graph")
+        if quantize == "int8":
+            assert validation is not None
+            settings, gate = quantize_export(
+                folder, settings, validation, tolerance=gate_tolerance, method=calibration
             )
-        if not parity.passed:
-            raise ExportError(
-                f"{settings.model_name}: the ONNX export does not match PyTorch, so it was not written "
-                f"to {out_dir}: {parity.summary()}. Serve the model with PyTorch, and report the model "
-                "and torch version"
-            )
+            record["accuracy_gate"] = gate.to_dict()
+            if not gate.passed:
+                raise ExportError(
+                    f"{settings.model_name}: the int8 export loses {gate.drop:.4f} mAP@0.5 against fp32 "
+                    f"on {gate.images} {gate.source} images ({gate.summary()}), missing the tolerance "
+                    f"of {gate.tolerance:g} by {gate.drop - gate.tolerance:.4f}, so nothing was written "
+                    f"to {out_dir}. "
+                    "Export in fp32 (no --quantize), or try --calibration entropy or percentile"
+                )
+        atomic_write_text(folder / PARITY_FILE, json.dumps(record, indent=2) + "\n")
         atomic_write_text(folder / LABELS_FILE, json.dumps(settings.labels, indent=2) + "\n")
         atomic_write_text(folder / SETTINGS_FILE, settings.to_json())
         folder.chmod(0o755)
-    log.info("exported %s to %s: %s", settings.model_name, out_dir, parity.summary())
-    return ExportResult(out_dir, settings, parity)
+    result = ExportResult(out_dir, settings, parity, batched_parity, gate)
+    log.info("exported %s to %s: %s", settings.model_name, out_dir, result.summary())
+    return result
+
+
+def _refuse_unless(report: ParityReport, settings: ExportSettings, out_dir: Path, count: int, against: str):
+    if report.compared == 0:
+        raise ExportError(
+            f"{settings.model_name}: no detections on the {count} sample image(s), so the "
+            "export could not be checked; pass images that show the objects (--images)"
+        )
+    if not report.passed:
+        raise ExportError(
+            f"{settings.model_name}: the ONNX export does not match {against}, so it was not written "
+            f"to {out_dir}: {report.summary()}. Serve the model with PyTorch, and report the model "
+            "and torch version"
+        )
+
+
+def _add_batched_path(
+    detector: nn.Module,
+    folder: Path,
+    settings: ExportSettings,
+    images: Sequence[torch.Tensor],
+    outputs: list[str],
+    parity: ParityReport,
+) -> tuple[ExportSettings, ParityReport]:
+    """Export the three graphs of the batched path; check them, all images in one batch, per image."""
+    sample = images[0].float() / 255.0
+    try:
+        export_batched_path(detector, folder, sample, outputs)  # type: ignore[arg-type]
+    except Exception as error:
+        raise ExportError(
+            f"{settings.model_name}: the batched path does not export ({type(error).__name__}: "
+            f"{first_line(error)}); report the model and torch version"
+        ) from None
+    size = tuple(int(value) for value in detector.transform.fixed_size)  # type: ignore[union-attr]
+    settings = settings.model_copy(update={"batched": BatchedPath(image_size=(size[1], size[0]))})
+    predictor = OnnxPredictor(folder, settings=settings)
+    one = predictor.raw_one
+    batched = check_against(
+        lambda image: one((image.float() / 255.0).numpy()),
+        lambda batch: predictor.raw_batched([(image.float() / 255.0).numpy() for image in batch]),
+        images,
+        reference_name="the one-image graph",
+        sample_source=parity.sample_source,
+        min_score=settings.thresholds.box_score_threshold,
+        tolerance_px=parity.tolerance_px,
+    )
+    return settings, batched
 
 
 def export_model(
@@ -264,28 +255,57 @@ def export_model(
     images: Sequence[str | Path] = (),
     attach: bool = False,
     tolerance_px: float = PARITY_TOLERANCE_PX,
+    quantize: Quantize = "none",
+    gate_tolerance: float = GATE_TOLERANCE,
+    calibration: CalibrationMethod = "minmax",
 ) -> ExportResult:
     """Export ``model`` (a registry or run URI, or a saved-model folder) and check it against PyTorch.
 
     Parity runs on ``images``, else on the model's validation images when its run
-    recorded where they are, else on synthetic images. For a tracked model the result is
-    recorded as tags on the logged model and the registry version; ``attach`` also
-    uploads the export into the model's artifacts, where serving and prediction find it.
+    recorded where they are, else on synthetic images. An int8 export calibrates and gates
+    on annotated images: ``images`` naming a dataset, else the run's validation data. For a
+    tracked model the result is recorded as tags on the logged model and the registry
+    version; ``attach`` also uploads the export into the model's artifacts, where serving
+    and prediction find it.
     """
     from visionautoml.tracking.workspace import current_tracking_uri, use_tracking_uri
 
     quiet_downloads()
     with use_tracking_uri(current_tracking_uri()):
-        return _export_model(model, out_dir, images=images, attach=attach, tolerance_px=tolerance_px)
+        return _export_model(
+            model,
+            out_dir,
+            images=images,
+            attach=attach,
+            tolerance_px=tolerance_px,
+            quantize=quantize,
+            gate_tolerance=gate_tolerance,
+            calibration=calibration,
+        )
 
 
 def _export_model(
-    model: str, out_dir: str | Path, *, images: Sequence[str | Path], attach: bool, tolerance_px: float
+    model: str,
+    out_dir: str | Path,
+    *,
+    images: Sequence[str | Path],
+    attach: bool,
+    tolerance_px: float,
+    quantize: Quantize,
+    gate_tolerance: float,
+    calibration: CalibrationMethod,
 ) -> ExportResult:
     from visionautoml.tracking.models import resolve_model
 
+    if attach and not _is_tracked(model):
+        raise ExportError(f"{model}: --attach needs a tracked model (runs:/ or models:/ URI), not a folder")
     detector, spec = load_model(resolve_model(model))
-    samples, sample_source = sample_images(model, images)
+    validation = None
+    if quantize == "int8":
+        validation = gate_images(model, images, list(spec.labels))
+        samples, sample_source = validation.images[:PARITY_IMAGES], "given" if images else "validation"
+    else:
+        samples, sample_source = sample_images(model, images)
     result = export_saved_model(
         detector,
         ExportSettings.from_spec(spec),
@@ -293,12 +313,42 @@ def _export_model(
         samples,
         sample_source=sample_source,
         tolerance_px=tolerance_px,
+        quantize=quantize,
+        validation=validation,
+        gate_tolerance=gate_tolerance,
+        calibration=calibration,
     )
     if _is_tracked(model):
         result.recorded_on.extend(_record(model, result, attach=attach))
-    elif attach:
-        raise ExportError(f"{model}: --attach needs a tracked model (runs:/ or models:/ URI), not a folder")
     return result
+
+
+def gate_images(model: str, images: Sequence[str | Path], labels: list[str]) -> ValidationSet:
+    """The annotated images an int8 export calibrates and gates on: ``images`` as datasets, else the run's."""
+    from visionautoml.data.annotations import Dataset
+    from visionautoml.data.formats import read_dataset
+
+    if images:
+        records, classes = [], []
+        for path in images:
+            try:
+                dataset = read_dataset(path)
+            except DataError as error:
+                raise DataError(
+                    f"--images {path}: the int8 accuracy gate needs annotated images (a VOC, COCO, YOLO or "
+                    f"JSONL dataset), and this is not one: {first_line(error)}"
+                ) from None
+            records += dataset.images
+            classes += [name for name in dataset.classes if name not in classes]
+        return validation_set(Dataset(records, classes), labels, source="given")
+    dataset = _validation_dataset(model) if _is_tracked(model) else None
+    if dataset is None:
+        raise DataError(
+            f"{model}: an int8 export calibrates and checks its accuracy on the model's validation data, "
+            "and none is recorded for it (or it is no longer there); pass --images DATASET "
+            "(the VOC, COCO, YOLO or JSONL data to check on)"
+        )
+    return validation_set(dataset, labels, source="validation")
 
 
 def sample_images(model: str, images: Sequence[str | Path] = ()) -> tuple[list[torch.Tensor], str]:
@@ -306,11 +356,14 @@ def sample_images(model: str, images: Sequence[str | Path] = ()) -> tuple[list[t
     if images:
         paths = [path for _, path in collect_images(images)][:PARITY_IMAGES]
         return [decode_image_file(path) for path in paths], "given"
-    dataset_images = _validation_images(model) if _is_tracked(model) else []
+    dataset = _validation_dataset(model) if _is_tracked(model) else None
     decoded = []
-    for path in dataset_images[:PARITY_IMAGES]:
-        with contextlib.suppress(DataError):
-            decoded.append(decode_image_file(path))
+    for image in dataset.images if dataset is not None else []:
+        if len(decoded) == PARITY_IMAGES:
+            break
+        if image.boxes:
+            with contextlib.suppress(DataError):
+                decoded.append(decode_image_file(image.path))
     if decoded:
         return decoded, "validation"
     return synthetic_images(), "synthetic"
@@ -327,26 +380,28 @@ def _is_tracked(model: str) -> bool:
     return model.startswith(("runs:/", "models:/"))
 
 
-def _validation_images(model: str) -> list[Path]:
-    """Images of the dataset the model's run validated on (its ``dataset.validation.path`` tag)."""
+def _validation_dataset(model: str) -> Any:
+    """The dataset the model's run validated on (its ``dataset.validation.path`` tag), sorted; else None.
+
+    A split-off validation set is recorded as "PATH (validation_data_size F)": its images are
+    somewhere in PATH, which is then used whole.
+    """
     from visionautoml.data.formats import read_dataset
     from visionautoml.tracking.models import model_run_tags
     from visionautoml.tracking.schema import Tag
 
     recorded = model_run_tags(model).get(Tag.dataset("validation", "path"), "")
-    # A split-off validation set is recorded as "PATH (validation_data_size F)": its images are in PATH.
     path = Path(recorded.split(" (validation_data_size", 1)[0])
     if not recorded or not path.exists():
-        return []
+        return None
     try:
-        dataset = read_dataset(path).sorted()
+        return read_dataset(path).sorted()
     except DataError:
-        return []
-    return [image.path for image in dataset.images if image.boxes]
+        return None
 
 
 def _record(model: str, result: ExportResult, *, attach: bool) -> list[str]:
-    """Tag the logged model and the registry version with the parity result; optionally upload the export."""
+    """Tag the logged model and its registry version with the checks' results; maybe attach the export."""
     from visionautoml.tracking.models import record_export
     from visionautoml.tracking.schema import Tag
 
@@ -357,7 +412,22 @@ def _record(model: str, result: ExportResult, *, attach: bool) -> list[str]:
         f"{Tag.ONNX_PARITY}.compared": str(parity.compared),
         f"{Tag.ONNX_PARITY}.images": f"{parity.images} {parity.sample_source}",
         "onnx.opset": str(result.settings.opset),
+        "onnx.precision": result.settings.precision,
+        "onnx.batch_axis": "dynamic" if result.settings.batched is not None else "none",
     }
+    if result.batched_parity is not None:
+        tags[f"{Tag.ONNX_PARITY}.batched"] = "passed" if result.batched_parity.passed else "failed"
+    gate = result.gate
+    if gate is not None:
+        tags |= {
+            "onnx.accuracy_gate": "passed" if gate.passed else "failed",
+            "onnx.accuracy_gate.map50_fp32": f"{gate.fp32:.6g}",
+            "onnx.accuracy_gate.map50_int8": f"{gate.int8:.6g}",
+            "onnx.accuracy_gate.drop": f"{gate.drop:.6g}",
+            "onnx.accuracy_gate.images": f"{gate.images} {gate.source}",
+        }
+        if gate.int8_batched is not None:
+            tags["onnx.accuracy_gate.map50_int8_batched"] = f"{gate.int8_batched:.6g}"
     try:
         return record_export(model, tags, result.directory if attach else None)
     except TrackingError as error:
@@ -387,26 +457,3 @@ def _roi_levels_merged_by_gather() -> Iterator[None]:
         yield
     finally:
         torchvision.ops.poolers._onnx_merge_levels = original
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Silence the legacy exporter: its log chatter, and the whole TorchScript graph it prints from C++
-    when an operator fails (the ExportError says what failed instead).
-    """
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    try:
-        with open(os.devnull, "w") as devnull:
-            for fd in saved:
-                os.dup2(devnull.fileno(), fd)
-        yield
-    finally:
-        for fd, original in saved.items():
-            os.dup2(original, fd)
-            os.close(original)
-        logger.setLevel(level)
