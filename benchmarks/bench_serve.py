@@ -1,27 +1,33 @@
-"""Serving speed: ONNX Runtime against PyTorch eager per image, and the HTTP service under load.
+"""Serving speed of a trained detector: PyTorch eager, ONNX fp32, int8 and OpenVINO, per image and served.
 
-Part 1 runs each detector per image, one image at a time as a scoring service does, through
-``OnnxPredictor`` (the export of ``visionautoml.deploy.export``, parity checked) and through the
-PyTorch ``Predictor`` (the baseline), on the same images: raccoon photos when present, else
-generated ones. Weights are random (no pretrained files offline), slightly perturbed so no two
-boxes tie on score; the architecture, input size and post-processing, which set the cost, are
-the real ones. Backends alternate, median of ``--repeat`` passes. One thread per inference by
-default, as the service runs it (cores / ``--concurrency``): on a shared machine more OpenMP
-threads than free cores spin at barriers and multiply PyTorch's CPU time.
+Part 1 exports ``--model`` (a trained model: runs:/, models:/ or a saved-model folder) twice in
+this run, fp32 (box parity against PyTorch) and ``--quantize int8`` (the accuracy gate: mAP@0.5
+on the validation images within 0.01 of fp32), then scores the same photos one image at a time
+through PyTorch eager (the baseline), ONNX Runtime and OpenVINO on each export, and through the
+batched path (all photos in one call). Backends alternate, median of ``--repeat`` passes, wall
+and CPU time. The int8 graph is timed even when the gate refuses it (built the same way without
+the gate, and labelled so): a refused export is not written, but its speed is part of the answer.
+Every row also gives the mAP@0.5 of that runtime on the validation images, the gate's metric.
 
-Part 2 starts ``visionautoml serve`` twice on 127.0.0.1, once on the ONNX export and once with
-``--backend pytorch`` (the baseline), and drives each with a closed-loop load generator: 1, 4
-and 8 clients share ``--requests`` requests of one image each. It reports throughput, p50 and
-p99 latency and the server's CPU time per request (read from /proc, steady on a shared machine).
+Part 2 starts ``visionautoml serve`` on the fp32 export (``--serve-backend``) with batching off
+(``--max-batch 1``) and on (``--max-batch 8``), and drives it with a closed-loop load generator:
+1 and 8 clients share ``--requests`` one-image requests per level; it reports throughput, p50 and
+p99 latency, the p99 at 8 clients over the p99 at 1, and the server's CPU time per request.
 
-    .venv/bin/python benchmarks/bench_serve.py [--models ssdlite320_mobilenet_v3_large,...]
-        [--repeat 3] [--requests 48] [--images DIR] [--threads 1] [--no-service]
+    MLFLOW_TRACKING_URI=sqlite:///.visionautoml/mlflow.db .venv/bin/python benchmarks/bench_serve.py \\
+        --model runs:/RUN_ID/model [--validation data/raccoon/validation_annotations.jsonl] \\
+        [--repeat 5] [--count 10] [--threads 1] [--requests 48] [--no-service]
+
+Train the model first: ``visionautoml data convert ../shared/datasets/raccoon --to jsonl --out
+data/raccoon --validation-every 5`` and ``visionautoml train examples/raccoon-single.yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -35,125 +41,127 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from PIL import Image
 
-from visionautoml.config import TrainingParameters
 from visionautoml.data.images import decode_image_file
-from visionautoml.deploy.export import (
-    OPSET,
-    ExportError,
-    export_detector,
-    export_saved_model,
-    synthetic_images,
-)
-from visionautoml.deploy.runtime import ONNX_FILE, SETTINGS_FILE, ExportSettings, OnnxPredictor
+from visionautoml.deploy.export import ExportError, export_saved_model, gate_images
+from visionautoml.deploy.quantize import ValidationSet, map50, quantize_graph
+from visionautoml.deploy.runtime import ONNX_FILE, ExportSettings, OnnxPredictor
+from visionautoml.errors import first_line
 from visionautoml.models.predictor import Predictor
-from visionautoml.models.saved import ModelSpec, save_model
-from visionautoml.models.zoo import RAW_SCORE_THRESHOLD, build_model, score_threshold_at_most
-from visionautoml.tracking.models import EXPORT_SUBDIR
+from visionautoml.models.saved import ModelSpec, load_model
+from visionautoml.tracking.models import resolve_model
 
 RACCOON_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "raccoon" / "images"
-DEFAULT_MODELS = "ssdlite320_mobilenet_v3_large,fasterrcnn_mobilenet_v3_large_fpn"
 
 
-def sample_images(folder: Path | None, count: int) -> tuple[list[Path], str]:
-    folder = folder or (RACCOON_IMAGES if RACCOON_IMAGES.is_dir() else None)
-    if folder is not None:
-        paths = sorted(folder.glob("*.jpg"))[:count]
-        return paths, f"{len(paths)} images from {folder}"
-    target = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    generator = torch.Generator().manual_seed(0)
-    paths = []
-    for index in range(count):
-        pixels = torch.randint(0, 256, (375, 500, 3), dtype=torch.uint8, generator=generator).numpy()
-        path = target / f"generated-{index}.jpg"
-        Image.fromarray(pixels).save(path, quality=90)
-        paths.append(path)
-    return paths, f"{count} generated 500x375 images"
-
-
-def trained_looking_model(name: str, directory: Path) -> tuple[torch.nn.Module, ModelSpec]:
-    params = TrainingParameters(model_name=name, pretrained="none")
-    torch.manual_seed(0)
-    module = build_model(name, 2, params).eval()
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.02)
-    spec = ModelSpec.from_params(params, ["raccoon"])
-    save_model(module, spec, directory)
-    return module, spec
-
-
-def export_unchecked_if_needed(module: torch.nn.Module, spec: ModelSpec, directory: Path) -> tuple[Path, str]:
-    """The checked export; else the same graph unchecked, since latency does not depend on the weights.
-
-    Random weights leave overlapping boxes with near-equal scores (neighbouring anchors see
-    the same noise), so a rounding difference upstream can make NMS keep the other box of a
-    pair and the parity check fails for reasons a trained model does not have.
-    """
-    settings = ExportSettings.from_spec(spec)
-    try:
-        result = export_saved_model(
-            module, settings, directory, synthetic_images(), sample_source="synthetic"
-        )
-        return result.directory, result.parity.summary()
-    except ExportError as error:
-        directory.mkdir(parents=True)
-        sample = synthetic_images()[0].float() / 255
-        with score_threshold_at_most(module, RAW_SCORE_THRESHOLD):
-            outputs = export_detector(module, directory / ONNX_FILE, sample, model_name=spec.model_name)
-        graph = settings.with_graph(outputs=outputs, opset=OPSET, graph_score_threshold=RAW_SCORE_THRESHOLD)
-        (directory / SETTINGS_FILE).write_text(graph.to_json())
-        return directory, f"random weights, exported unchecked: {str(error).split(': ', 1)[1]}"
-
-
-def per_image(
-    predict: Callable[[list[torch.Tensor]], object], images: list[torch.Tensor]
-) -> tuple[float, float]:
-    """(wall ms, CPU ms) per image, images scored one at a time."""
+def per_image(predict: Callable[[list[torch.Tensor]], object], images: list[torch.Tensor], batched: bool):
+    """(wall ms, CPU ms) per image: one image per call, or all in one call."""
     wall, cpu = time.perf_counter(), time.process_time()
-    for image in images:
-        predict([image])
+    if batched:
+        predict(images)
+    else:
+        for image in images:
+            predict([image])
     count = len(images)
     return (time.perf_counter() - wall) * 1000 / count, (time.process_time() - cpu) * 1000 / count
 
 
-def bench_models(
-    models: list[str], images: list[torch.Tensor], repeat: int, threads: int, root: Path
-) -> dict[str, Path]:
-    torch.set_num_threads(threads)
-    saved: dict[str, Path] = {}
-    print(f"\nper-image latency, {threads} threads each, median of {repeat} passes (ms)\n")
-    print(
-        f"{'model':<38} {'backend':<13} {'wall':>7} {'speed-up':>9} {'CPU':>7} {'speed-up':>9}   wall passes"
+def int8_graphs(
+    module: torch.nn.Module, spec: ModelSpec, fp32: Path, target: Path, validation: ValidationSet
+) -> str:
+    """The int8 export, through the gate; if the gate refuses it, the same graphs built without it."""
+    try:
+        result = export_saved_model(
+            module,
+            ExportSettings.from_spec(spec),
+            target,
+            validation.images[:4],
+            sample_source=validation.source,
+            quantize="int8",
+            validation=validation,
+        )
+        assert result.gate is not None
+        return result.gate.summary()
+    except ExportError as error:
+        refused = first_line(error)
+    shutil.copytree(fp32, target)
+    settings = ExportSettings.read(fp32)
+    pixels = [image.numpy().astype(np.float32) / np.float32(255.0) for image in validation.images]
+    quantize_graph(fp32 / ONNX_FILE, target / ONNX_FILE, [{"image": p} for p in pixels], "minmax")
+    if settings.batched is not None:
+        pre = OnnxPredictor(fp32).batched_sessions()[0]
+        resized = [{"images": pre.run(None, {"image": p})[0][None]} for p in pixels]
+        quantize_graph(fp32 / settings.batched.core, target / settings.batched.core, resized, "minmax")
+    return f"REFUSED by the gate (timed anyway, built without it): {refused}"
+
+
+def bench_models(args: argparse.Namespace, images: list[torch.Tensor], root: Path) -> Path:
+    torch.set_num_threads(args.threads)
+    module, spec = load_model(resolve_model(args.model))
+    validation = gate_images(args.model, [args.validation] if args.validation else [], list(spec.labels))
+    started = time.perf_counter()
+    fp32 = export_saved_model(
+        module,
+        ExportSettings.from_spec(spec),
+        root / "fp32",
+        validation.images[:4],
+        sample_source=validation.source,
     )
-    for name in models:
-        directory = root / name
-        module, spec = trained_looking_model(name, directory)
-        export, parity = export_unchecked_if_needed(module, spec, directory / EXPORT_SUBDIR)
-        contenders = {
-            "pytorch eager": Predictor(module, spec, batch_size=1).predict,
-            "onnxruntime": OnnxPredictor(export, intra_op_threads=threads).predict,
-        }
-        for predict in contenders.values():
-            predict(images[:2])
-        runs: dict[str, list[tuple[float, float]]] = {backend: [] for backend in contenders}
-        for attempt in range(repeat):
-            order = list(contenders) if attempt % 2 == 0 else list(reversed(contenders))
-            for backend in order:
-                runs[backend].append(per_image(contenders[backend], images))
-        wall = {backend: statistics.median(run[0] for run in values) for backend, values in runs.items()}
-        cpu = {backend: statistics.median(run[1] for run in values) for backend, values in runs.items()}
-        for backend, values in runs.items():
-            listed = ", ".join(f"{run[0]:.1f}" for run in values)
-            wall_ratio, cpu_ratio = wall["pytorch eager"] / wall[backend], cpu["pytorch eager"] / cpu[backend]
-            print(
-                f"{name:<38} {backend:<13} {wall[backend]:>7.1f} {wall_ratio:>8.2f}x "
-                f"{cpu[backend]:>7.1f} {cpu_ratio:>8.2f}x   {listed}"
-            )
-        print(f"{'':<38} {parity}")
-        saved[name] = directory
-    return saved
+    print(f"fp32 export in {time.perf_counter() - started:.0f} s:\n  {fp32.summary()}".replace("\n", "\n  "))
+    started = time.perf_counter()
+    gate = int8_graphs(module, spec, root / "fp32", root / "int8", validation)
+    print(f"int8 export in {time.perf_counter() - started:.0f} s: {gate}")
+
+    threads = args.threads
+    contenders: dict[str, tuple[Callable, bool, Callable | None]] = {
+        "pytorch eager": (Predictor(module, spec, batch_size=1).predict, False, None),
+    }
+    for precision in ("fp32", "int8"):
+        for runtime, label in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")):
+            try:
+                predictor = OnnxPredictor(root / precision, intra_op_threads=threads, runtime=runtime)
+            except Exception as error:  # openvino not installed: say so and go on
+                print(f"{label} {precision}: skipped ({first_line(error)})")
+                continue
+            contenders[f"{label} {precision}"] = (predictor.predict, False, predictor.raw)
+            if predictor.batched:
+                contenders[f"{label} {precision} batched"] = (predictor.predict, True, None)
+    for predict, batched, _ in contenders.values():
+        per_image(predict, images[:2], batched)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
+    for attempt in range(args.repeat):
+        order = list(contenders) if attempt % 2 == 0 else list(reversed(contenders))
+        for name in order:
+            predict, batched, _ = contenders[name]
+            runs[name].append(per_image(predict, images, batched))
+    accuracy = {}
+    classes = len(spec.labels)
+    with torch.no_grad():  # the Predictor runs the module at the graphs' own low threshold
+        eager_raw = [
+            {k: v.numpy() for k, v in module([image.float() / 255])[0].items()} for image in validation.images
+        ]
+    accuracy["pytorch eager"] = map50(eager_raw, validation, classes)
+    for name, (_, _, raw) in contenders.items():
+        if raw is not None:
+            accuracy[name] = map50(raw(validation.images), validation, classes)
+    wall = {name: statistics.median(run[0] for run in values) for name, values in runs.items()}
+    cpu = {name: statistics.median(run[1] for run in values) for name, values in runs.items()}
+    eager = "pytorch eager"
+    print(
+        f"\nper-image latency on {len(images)} photos, {threads} thread(s) each, median of {args.repeat} "
+        f"passes (ms); mAP@0.5 on {len(validation.images)} validation images\n"
+    )
+    print(
+        f"{'runtime':<30} {'wall':>7} {'speed-up':>9} {'CPU':>7} {'speed-up':>9} {'mAP@0.5':>8}   wall passes"
+    )
+    for name in contenders:
+        listed = ", ".join(f"{run[0]:.1f}" for run in runs[name])
+        mean_ap = f"{accuracy[name]:.4f}" if name in accuracy else "(same)"
+        print(
+            f"{name:<30} {wall[name]:>7.1f} {wall[eager] / wall[name]:>8.2f}x {cpu[name]:>7.1f} "
+            f"{cpu[eager] / cpu[name]:>8.2f}x {mean_ap:>8}   {listed}"
+        )
+    return root / "fp32"
 
 
 def free_port() -> int:
@@ -162,15 +170,28 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
-def start_server(model: Path, backend: str) -> tuple[subprocess.Popen, str]:
+def server_pids(process: subprocess.Popen) -> list[int]:
+    pids = [process.pid]
+    for children in Path(f"/proc/{process.pid}/task").glob("*/children"):
+        pids += [int(pid) for pid in children.read_text().split()]
+    return pids
+
+
+def start_server(export: Path, backend: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "visionautoml.cli", "serve", str(model), "--port", str(port)]
-    command += ["--backend", backend, "--timeout", "300"]
+    command = [sys.executable, "-m", "visionautoml.cli", "serve", str(export), "--port", str(port)]
+    command += ["--backend", backend, "--timeout", "300", *extra]
     env = {key: value for key, value in os.environ.items() if key != "VISIONAUTOML_API_KEY"}
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -181,8 +202,17 @@ def start_server(model: Path, backend: str) -> tuple[subprocess.Popen, str]:
                 return process, url
         except httpx.TransportError:
             time.sleep(0.5)
-    process.kill()
+    stop(process)
     raise SystemExit(f"the {backend} server did not start")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def load(url: str, image: tuple[str, bytes], clients: int, requests: int) -> tuple[float, list[float]]:
@@ -212,60 +242,69 @@ def load(url: str, image: tuple[str, bytes], clients: int, requests: int) -> tup
     return time.perf_counter() - started, latencies
 
 
-def bench_service(model: Path, image: Path, requests: int) -> None:
+def bench_service(export: Path, image: Path, args: argparse.Namespace) -> None:
     payload = (image.name, image.read_bytes())
     results: dict[tuple[str, int], tuple[float, float, float, float]] = {}
-    for backend in ("pytorch", "onnx"):
-        process, url = start_server(model, backend)
-        try:
-            load(url, payload, 2, 4)
-            for clients in (1, 4, 8):
-                before = cpu_seconds(process.pid)
-                seconds, latencies = load(url, payload, clients, requests)
-                cpu_ms = (cpu_seconds(process.pid) - before) * 1000 / requests
-                p50, p99 = np.percentile(latencies, [50, 99])
-                results[(backend, clients)] = (requests / seconds, float(p50), float(p99), cpu_ms)
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
-    print(
-        f"\nservice on 127.0.0.1, {model.name}, {requests} requests of one image per level, --concurrency 2\n"
-    )
-    header = ("backend", "clients", "req/s", "ratio", "p50 ms", "p99 ms", "CPU ms/req")
-    print("{:<9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>11}".format(*header))
-    for (backend, clients), (rate, p50, p99, cpu_ms) in results.items():
-        ratio = rate / results[("pytorch", clients)][0]
-        print(
-            f"{backend:<9} {clients:>7} {rate:>7.2f} {ratio:>6.2f}x {p50:>8.1f} {p99:>8.1f} {cpu_ms:>11.1f}"
+    modes = {"batching off": ["--max-batch", "1"], "batching on": ["--max-batch", "8"]}
+    for mode, extra in modes.items():
+        process, url = start_server(
+            export, args.serve_backend, [*extra, "--concurrency", str(args.concurrency)]
         )
+        try:
+            load(url, payload, 2, 8)
+            pids = server_pids(process)
+            for clients in (1, 8):
+                before = cpu_seconds(pids)
+                seconds, latencies = load(url, payload, clients, args.requests)
+                cpu_ms = (cpu_seconds(pids) - before) * 1000 / args.requests
+                p50, p99 = np.percentile(latencies, [50, 99])
+                results[(mode, clients)] = (args.requests / seconds, float(p50), float(p99), cpu_ms)
+        finally:
+            stop(process)
+    print(
+        f"\nservice on 127.0.0.1: {args.serve_backend} fp32 export, {args.requests} one-image requests per "
+        f"level, --concurrency {args.concurrency}\n"
+    )
+    header = ("mode", "clients", "req/s", "p50 ms", "p99 ms", "p99/p99(1)", "CPU ms/req")
+    print("{:<13} {:>7} {:>7} {:>8} {:>8} {:>11} {:>11}".format(*header))
+    for (mode, clients), (rate, p50, p99, cpu_ms) in results.items():
+        ratio = p99 / results[(mode, 1)][2]
+        print(f"{mode:<13} {clients:>7} {rate:>7.2f} {p50:>8.1f} {p99:>8.1f} {ratio:>10.2f}x {cpu_ms:>11.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated zoo names")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: raccoon)")
-    parser.add_argument("--count", type=int, default=10, help="images per pass")
-    parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
-    parser.add_argument("--no-service", action="store_true", help="part 1 only")
+    parser.add_argument("--model", required=True, help="a trained model: runs:/, models:/ or a folder")
     parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="threads per inference in part 1 (the service's: cores / concurrency)",
+        "--validation", type=Path, default=None, help="dataset for the gate (default: the run's)"
     )
+    parser.add_argument(
+        "--images", type=Path, default=None, help="folder of JPEGs to time (default: raccoon)"
+    )
+    parser.add_argument("--count", type=int, default=10, help="images per pass")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="threads per inference (the service's default)"
+    )
+    parser.add_argument("--requests", type=int, default=48, help="requests per load level")
+    parser.add_argument("--concurrency", type=int, default=2, help="the server's --concurrency")
+    parser.add_argument("--serve-backend", default="onnx", choices=["onnx", "openvino"])
+    parser.add_argument("--no-service", action="store_true", help="part 1 only")
     args = parser.parse_args()
+    logging.disable(logging.WARNING)
 
-    paths, described = sample_images(args.images, args.count)
+    folder = args.images or RACCOON_IMAGES
+    paths = sorted(folder.glob("*.jpg"))[: args.count]
     images = [decode_image_file(path) for path in paths]
-    print(f"images: {described}; machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(f"images: {len(paths)} from {folder}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as root:
-        saved = bench_models(args.models.split(","), images, args.repeat, args.threads, Path(root))
+        export = bench_models(args, images, Path(root))
+        print(f"load average after part 1: {os.getloadavg()[0]:.2f}")
         if not args.no_service:
-            bench_service(saved[args.models.split(",")[0]], paths[0], args.requests)
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+            bench_service(export, paths[0], args)
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

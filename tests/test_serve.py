@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -434,3 +435,13 @@ def test_pyfunc_of_the_registered_model_answers_like_the_service(server, images,
     assert len(from_pyfunc) == 2
     for row, answer in zip(from_pyfunc, served, strict=True):
         assert_same_boxes(row["boxes"], answer["boxes"])
+
+
+def test_a_model_that_does_not_load_stops_the_service_instead_of_restarting_it(deploy_model, tmp_path):
+    broken = shutil.copytree(deploy_model.export, tmp_path / "broken")
+    (broken / "model.onnx").write_bytes(b"not a graph")
+    command = [sys.executable, "-m", "visionautoml.cli", "serve", str(broken), "--port", str(free_port())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 1
+    assert "ONNX Runtime cannot load it" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("Started parent process") == 1 and "died" not in result.stderr

@@ -26,6 +26,7 @@ import hmac
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,7 @@ from visionautoml.deploy.batching import Batcher
 from visionautoml.deploy.inputs import check_pixels, decode_all, json_images, multipart_images, read_body
 from visionautoml.deploy.metrics import CONTENT_TYPE, ServiceMetrics
 from visionautoml.deploy.runtime import LoadedModel, ModelLocation, default_threads, load_located
-from visionautoml.errors import VisionAutoMLError
+from visionautoml.errors import VisionAutoMLError, first_line
 from visionautoml.models.predictor import Detections, automl_boxes
 
 log = logging.getLogger(__name__)
@@ -252,10 +253,20 @@ class _Measured:
 
 
 def app_from_environment() -> FastAPI:
-    """uvicorn's factory in each worker process (the supervisor starts them, and restarts a dead one)."""
+    """uvicorn's factory in each worker process (the supervisor starts them, and restarts a dead one).
+
+    A model that does not load exits with uvicorn's startup-failure code, which stops the
+    supervisor instead of making it restart the worker forever.
+    """
+    from uvicorn.config import STARTUP_FAILURE
+
     raw = json.loads(os.environ[_WORKER_ENV])
     settings = ServeSettings(**raw["settings"])
-    loaded = load_located(ModelLocation.from_json(raw["location"]), threads=settings.inference_threads())
+    try:
+        loaded = load_located(ModelLocation.from_json(raw["location"]), threads=settings.inference_threads())
+    except VisionAutoMLError as error:
+        print(f"error: {first_line(error)}", file=sys.stderr, flush=True)
+        sys.exit(STARTUP_FAILURE)
     return create_app(loaded, settings, api_key_from_environment())
 
 
@@ -303,6 +314,6 @@ def serve(
     supervisor.run()
     if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
         raise VisionAutoMLError(
-            f"the server could not start {location.source} (see the log above); check the model with "
-            f"`visionautoml predict {location.source} IMAGE --out DIR`"
+            f"the server could not load {location.source} (the reason is above); export the model again "
+            "or serve it with --backend pytorch"
         )
