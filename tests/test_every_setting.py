@@ -367,10 +367,33 @@ def test_invalid_data_drop_skips_a_broken_image_that_error_refuses(tmp_path):
 def test_a_setting_that_does_not_apply_to_the_model_is_refused():
     """Sizes of another model family, model_size of a model that has none, multi_scale for SSD."""
     from visionautoml.errors import ConfigError
+    from visionautoml.models.zoo import check_model_names
 
-    with pytest.raises(ConfigError, match="image_size applies to"):
-        build_model(RCNN["model_name"], 3, params(RCNN, image_size=320))
-    with pytest.raises(ConfigError, match="min_size and max_size apply to"):
-        build_model(SSD["model_name"], 3, params(SSD, min_size=320))
+    with pytest.raises(
+        ConfigError, match="image_size applies to the SSD and YOLOX models, and this job trains none"
+    ):
+        check_model_names(parse_config({"training_parameters": {**RCNN, "image_size": 320}}))
+    with pytest.raises(ConfigError, match="min_size applies to the R-CNN-style models"):
+        check_model_names(parse_config({"training_parameters": {**SSD, "min_size": 320}}))
+    both = {
+        "training_parameters": {"image_size": 64, "min_size": 96, "pretrained": "none"},
+        "search_space": [
+            {"model_name": {"type": "choice", "values": [SSD["model_name"], RCNN["model_name"]]}}
+        ],
+    }
+    check_model_names(parse_config(both))  # a sweep over both families sets each family's size once
+    with pytest.raises(ConfigError, match=r"search_space\[0\].min_size: none of this sub-space's models"):
+        check_model_names(
+            parse_config(
+                {
+                    "search_space": [
+                        {
+                            "model_name": {"type": "choice", "values": [SSD["model_name"]]},
+                            "min_size": {"type": "choice", "values": [300]},
+                        }
+                    ]
+                }
+            )
+        )
     with pytest.raises(ConfigError, match="model_size: 'small' applies to model_name: yolox only"):
         concrete_parameters(params(SSD, model_size="small"))

@@ -22,8 +22,7 @@ SMALL = {"ssd300_vgg16": 268}  # the smallest input its VGG feature pyramid acce
 
 
 def _params(name: str, **changes) -> TrainingParameters:
-    square = ZOO[name].family in ("ssd", "yolox")  # the other sizes of a family are refused, not ignored
-    small = {"image_size": SMALL.get(name, 64)} if square else {"min_size": 64, "max_size": 64}
+    small = {"min_size": 64, "max_size": 64, "image_size": SMALL.get(name, 64)}
     return TrainingParameters(model_name=name, pretrained="none", **(small | changes))
 
 
@@ -144,8 +143,7 @@ def test_sizes_thresholds_and_cpu_defaults_are_honoured():
     with torch.device("meta"):
         rcnn = build_model("fasterrcnn_mobilenet_v3_large_320_fpn", 2, params)
         retina = build_model("retinanet_resnet18_fpn", 2, params)
-        square = params.model_copy(update={"image_size": 160, "min_size": None, "max_size": None})
-        ssd = build_model("ssdlite320_mobilenet_v3_large", 2, square)
+        ssd = build_model("ssdlite320_mobilenet_v3_large", 2, params.model_copy(update={"image_size": 160}))
         default = build_model("fasterrcnn_resnet18_fpn", 2, TrainingParameters(pretrained="none"))
     assert (rcnn.transform.min_size, rcnn.transform.max_size) == ((96,), 160)
     assert (rcnn.roi_heads.score_thresh, rcnn.roi_heads.nms_thresh, rcnn.roi_heads.detections_per_img) == (

@@ -83,19 +83,18 @@ class ZooEntry:
     def has_coco_weights(self) -> bool:
         return self.coco_weights is not None or self.coco_file is not None
 
+    @property
+    def sizes(self) -> tuple[str, ...]:
+        """The size parameters this family takes (the others do not apply to it)."""
+        return ("image_size",) if self.family in ("yolox", "ssd") else ("min_size", "max_size")
+
     def input_size(self, params: TrainingParameters) -> InputSize:
-        """The input size ``params`` ask for; sizes that do not apply to this family are ignored."""
-        square = self.family in ("yolox", "ssd")
-        if square and (params.min_size or params.max_size):
-            raise ConfigError(
-                f"training_parameters: min_size and max_size apply to the R-CNN-style models, not {self.name}, "
-                "which takes a square image_size; set image_size (or put the sizes in each model's sub-space)"
-            )
-        if not square and params.image_size:
-            raise ConfigError(
-                f"training_parameters.image_size applies to the SSD and YOLOX models, not {self.name}, which "
-                "scales by min_size and max_size; set those (or put the sizes in each model's sub-space)"
-            )
+        """The input size ``params`` ask for, from the size parameters of this family (:attr:`sizes`).
+
+        A sweep over several families may set every family's sizes once; whether a size set
+        applies to some model of the job is checked when the job is settled
+        (:func:`check_model_names`), so none is silently ignored.
+        """
         if self.family == "yolox":
             return InputSize(image_size=params.image_size or self.default_size.image_size, letterbox=True)
         if self.family == "ssd":
@@ -305,6 +304,7 @@ def check_model_names(job: Any) -> None:
             else:
                 get_entry(str(value), f"search_space[{index}].model_name")
                 names.add(str(value))
+    _check_sizes(job, names)
     pretrained = {params.pretrained}
     for subspace in job.search_space:
         if "pretrained" in subspace:
@@ -312,6 +312,41 @@ def check_model_names(job: Any) -> None:
     for name in sorted(names):
         for choice in sorted(pretrained):
             weights.pretrained_source(get_entry(name), str(choice))
+
+
+def _check_sizes(job: Any, names: set[str]) -> None:
+    """A size parameter is refused when no model of the job takes it (SSD's image_size on a Faster R-CNN)."""
+    taken = {size for name in names for size in get_entry(name).sizes}
+    fixed = [
+        size for size in ("image_size", "min_size", "max_size") if getattr(job.training_parameters, size)
+    ]
+    searched = {
+        size
+        for subspace in job.search_space
+        for size in subspace
+        if size in ("image_size", "min_size", "max_size")
+    }
+    for size in sorted(set(fixed) | searched):
+        if size not in taken:
+            users = "the SSD and YOLOX models" if size == "image_size" else "the R-CNN-style models"
+            instead = "min_size and max_size" if size == "image_size" else "image_size"
+            raise ConfigError(
+                f"training_parameters.{size} applies to {users}, and this job trains none of them "
+                f"({', '.join(sorted(names))}); use {instead}"
+            )
+    for index, subspace in enumerate(job.search_space):
+        models = subspace.get("model_name")
+        if models is None:
+            continue
+        local = {str(value) for value in models.values or []} - set(GENERIC_NAMES)
+        local_taken = {size for name in local for size in get_entry(name).sizes}
+        for size in set(subspace) & {"image_size", "min_size", "max_size"}:
+            if local and size not in local_taken:
+                models_text = ", ".join(sorted(local))
+                raise ConfigError(
+                    f"search_space[{index}].{size}: none of this sub-space's models ({models_text}) takes "
+                    f"{size}; move it to the sub-space of the models that do"
+                )
 
 
 def trainable_layers(entry: ZooEntry, params: TrainingParameters) -> int:
