@@ -9,7 +9,7 @@ and CPU time. The int8 graph is timed even when the gate refuses it (built the s
 the gate, and labelled so): a refused export is not written, but its speed is part of the answer.
 Every row also gives the mAP@0.5 of that runtime on the validation images, the gate's metric.
 
-Part 2 starts ``visionautoml serve`` on the fp32 export (``--serve-backend``) with batching off
+Part 2 starts ``visionautoml serve`` on the fp32 export (each of ``--serve-backends``) with batching off
 (``--max-batch 1``) and on (``--max-batch 8``), and drives it with a closed-loop load generator:
 1 and 8 clients share ``--requests`` one-image requests per level; it reports throughput, p50 and
 p99 latency, the p99 at 8 clients over the p99 at 1, and the server's CPU time per request.
@@ -242,14 +242,12 @@ def load(url: str, image: tuple[str, bytes], clients: int, requests: int) -> tup
     return time.perf_counter() - started, latencies
 
 
-def bench_service(export: Path, image: Path, args: argparse.Namespace) -> None:
+def bench_service(export: Path, image: Path, args: argparse.Namespace, backend: str) -> None:
     payload = (image.name, image.read_bytes())
     results: dict[tuple[str, int], tuple[float, float, float, float]] = {}
     modes = {"batching off": ["--max-batch", "1"], "batching on": ["--max-batch", "8"]}
     for mode, extra in modes.items():
-        process, url = start_server(
-            export, args.serve_backend, [*extra, "--concurrency", str(args.concurrency)]
-        )
+        process, url = start_server(export, backend, [*extra, "--concurrency", str(args.concurrency)])
         try:
             load(url, payload, 2, 8)
             pids = server_pids(process)
@@ -262,7 +260,7 @@ def bench_service(export: Path, image: Path, args: argparse.Namespace) -> None:
         finally:
             stop(process)
     print(
-        f"\nservice on 127.0.0.1: {args.serve_backend} fp32 export, {args.requests} one-image requests per "
+        f"\nservice on 127.0.0.1: {backend} fp32 export, {args.requests} one-image requests per "
         f"level, --concurrency {args.concurrency}\n"
     )
     header = ("mode", "clients", "req/s", "p50 ms", "p99 ms", "p99/p99(1)", "CPU ms/req")
@@ -290,7 +288,7 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=48, help="requests per load level")
     parser.add_argument("--concurrency", type=int, default=2, help="the server's --concurrency")
-    parser.add_argument("--serve-backend", default="onnx", choices=["onnx", "openvino"])
+    parser.add_argument("--serve-backends", default="onnx,openvino", help="comma-separated: onnx, openvino")
     parser.add_argument("--no-service", action="store_true", help="part 1 only")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -303,7 +301,9 @@ def main() -> None:
         export = bench_models(args, images, Path(root))
         print(f"load average after part 1: {os.getloadavg()[0]:.2f}")
         if not args.no_service:
-            bench_service(export, paths[0], args)
+            for backend in args.serve_backends.split(","):
+                bench_service(export, paths[0], args, backend)
+                print(f"load average: {os.getloadavg()[0]:.2f}")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
