@@ -155,7 +155,8 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(params, steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     # With an average of the weights, it is evaluated and saved: the model ends holding it.
-    ema = ModelEMA(model) if ema_enabled(params) else None
+    total_steps = steps_per_epoch * params.number_of_epochs
+    ema = ModelEMA.for_steps(model, total_steps) if ema_enabled(params) else None
     evaluated = ema.module if ema is not None else model
 
     best_path, last_path = checkpoint_paths(checkpoint_dir)
