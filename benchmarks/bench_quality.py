@@ -6,8 +6,8 @@ and the same wall-clock budget, all from scratch:
 
 1. the peer: ``../shared/benchmarks/peer_ultralytics.py`` in its own virtual environment
    (Ultralytics is AGPL: a benchmark peer only, never imported here);
-2. our sweep: ``visionautoml train CONFIG`` (default examples/raccoon-sweep.yaml) with
-   ``limits.timeout_minutes`` set to the budget;
+2. our sweep: ``visionautoml train CONFIG`` (default examples/raccoon-yolox.yaml: yolox_nano,
+   yolox_tiny and ssdlite side by side) with ``limits.timeout_minutes`` set to the budget;
 3. the automatic mode: the same data and ``limits`` and nothing else.
 
 It prints mAP@0.5 and mAP@[.5:.95] of each with the ratio against the peer, and the ONNX Runtime
@@ -152,7 +152,7 @@ def main() -> None:
     )
     parser.add_argument("--data", type=Path, default=RACCOON)
     parser.add_argument("--minutes", type=float, default=20.0)
-    parser.add_argument("--config", type=Path, default=ROOT / "examples" / "raccoon-sweep.yaml")
+    parser.add_argument("--config", type=Path, default=ROOT / "examples" / "raccoon-yolox.yaml")
     parser.add_argument(
         "--peer-python", type=Path, default=Path.home() / ".venvs" / "peer" / "bin" / "python"
     )

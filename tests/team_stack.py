@@ -17,13 +17,15 @@ Use the fixtures with ``pytest_plugins = ["team_stack"]`` in a test module and r
 through them (importing this module as well would keep pytest from rewriting its asserts). They are
 module-scoped: they start for the first test of a module that asks, and stop after its last. The
 ``running_*`` context managers start the same servers elsewhere (``exec_prefix``: inside a test's own
-network namespace, ``host``: an address a second node reaches), for multi-node tests.
+network namespace, ``host``: an address a second node reaches), for multi-node tests; those get
+:func:`running_stack` through the ``team_stack_in`` fixture.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import pwd
 import secrets
@@ -87,6 +89,8 @@ class ObjectStore:
     secret_key: str
     region: str
     pid: int
+    exec_prefix: tuple[str, ...] = ()
+    """How to enter the network namespace the store listens in (empty: this one)."""
 
     def server_env(self) -> dict[str, str]:
         """The variables a process that talks to the store itself needs: the tracking server, a test."""
@@ -109,7 +113,17 @@ class ObjectStore:
         )
 
     def keys(self, prefix: str = "") -> list[str]:
-        """Every object key under ``prefix`` in the bucket."""
+        """Every object key under ``prefix`` in the bucket (listed from inside the store's namespace)."""
+        if self.exec_prefix:
+            listed = subprocess.run(
+                [*self.exec_prefix, sys.executable, "-c", _LIST_KEYS, self.endpoint, self.bucket, prefix],
+                env=_server_env(**self.server_env()),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            return json.loads(listed.stdout)
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
@@ -142,7 +156,8 @@ def client_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     reach the object store itself would not know where it is, so a run that stores its artifacts
     proves they went through the tracking server.
     """
-    dropped = ("AWS_", "MLFLOW_", "GITHUB_ACTIONS", "TF_BUILD", "VAULT_", "BAO_")
+    # RAY_ too: a local Ray of an earlier test in this process leaves its token in os.environ.
+    dropped = ("AWS_", "MLFLOW_", "RAY_", "GITHUB_ACTIONS", "TF_BUILD", "VAULT_", "BAO_")
     env = {key: value for key, value in os.environ.items() if not key.startswith(dropped)}
     env.update(MLFLOW_TRACKING_URI=tracking_uri, VISIONAUTOML_OFFLINE="1", **extra)
     return env
@@ -349,6 +364,14 @@ boto3.client("s3", endpoint_url=sys.argv[1]).create_bucket(Bucket=sys.argv[2])
 """
 
 
+_LIST_KEYS = """
+import json, sys, boto3
+pages = boto3.client("s3", endpoint_url=sys.argv[1]).get_paginator("list_objects_v2")
+found = pages.paginate(Bucket=sys.argv[2], Prefix=sys.argv[3])
+print(json.dumps(sorted(item["Key"] for page in found for item in page.get("Contents", []))))
+"""
+
+
 @contextlib.contextmanager
 def running_object_store(
     folder: Path, *, exec_prefix: Sequence[str] = (), host: str = "127.0.0.1"
@@ -366,7 +389,13 @@ def running_object_store(
         ready = functools.partial(_http_ok, f"{endpoint}/", exec_prefix)
         wait_until(ready, lambda: process.poll() is None, "moto_server", log)
         store = ObjectStore(
-            endpoint, BUCKET, "team-test-key", secrets.token_hex(16), "us-east-1", process.pid
+            endpoint,
+            BUCKET,
+            "team-test-key",
+            secrets.token_hex(16),
+            "us-east-1",
+            process.pid,
+            tuple(exec_prefix),
         )
         # Made where the server is (a namespace of its own, perhaps), with the keys in the environment.
         subprocess.run(
@@ -420,6 +449,21 @@ def running_team_server(
         _stop_group(process)
 
 
+@contextlib.contextmanager
+def running_stack(
+    folder: Path, *, exec_prefix: Sequence[str] = (), host: str = "127.0.0.1"
+) -> Iterator[TeamServer]:
+    """The whole stack in ``folder``: the database and the bucket on the loopback of ``exec_prefix``'s
+    namespace, the tracking server on ``host`` there (the address other nodes reach it at)."""
+    (folder / "s3").mkdir(parents=True, exist_ok=True)
+    with (
+        running_postgres(exec_prefix=exec_prefix) as database,
+        running_object_store(folder / "s3", exec_prefix=exec_prefix) as store,
+        running_team_server(database, store, folder, exec_prefix=exec_prefix, host=host) as server,
+    ):
+        yield server
+
+
 # --- fixtures: the stack on this machine's loopback ---------------------------------------------
 
 
@@ -444,3 +488,9 @@ def team_server(
     """``mlflow server`` on 127.0.0.1, PostgreSQL behind it, artifacts in the bucket."""
     with running_team_server(postgres, object_store, tmp_path_factory.mktemp("mlflow-team")) as server:
         yield server
+
+
+@pytest.fixture
+def team_stack_in() -> Callable[..., contextlib.AbstractContextManager[TeamServer]]:
+    """:func:`running_stack`, for a test that starts the stack in a network namespace it made."""
+    return running_stack

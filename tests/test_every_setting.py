@@ -241,7 +241,7 @@ ELSEWHERE: dict[str, str] = {
     "Compute.min_nodes": "test_ray_cluster.py::test_trials_run_on_both_nodes_and_a_too_small_cluster_times_out",
     "Compute.min_gpus": "test_sweep.py::test_waiting_for_more_nodes_than_the_cluster_has_times_out_clearly",
     "Compute.wait_timeout_minutes": "test_ray_cluster.py::test_trials_run_on_both_nodes_and_a_too_small_cluster_times_out",
-    "Compute.max_failures": "test_lost_node.py::test_a_lost_node_is_survived_and_the_trial_retried",
+    "Compute.max_failures": "test_ray_cluster.py::test_a_lost_node_is_survived_and_the_trial_retried",
     "Compute.storage_path": "test_team_stack.py::test_a_sweep_on_two_nodes_without_a_shared_disk",
     "Register.model_name": "test_incremental.py::test_a_second_run_continues_from_the_first_and_says_so",
     "Register.promote_if_better": "test_registry.py::test_promote_if_better_moves_champion_only_on_a_better_metric_on_the_same_validation_set",
@@ -263,7 +263,7 @@ for _field in ("type", "values", "min_value", "max_value", "mu", "sigma", "q", "
     )
 for _field in ("tile_grid_size", "tile_overlap_ratio", "tile_predictions_nms_threshold"):
     ELSEWHERE[f"TrainingParameters.{_field}"] = (
-        "test_tiling.py::test_training_samples_include_each_image_s_tiles"
+        "test_tiling.py::test_each_tiling_setting_changes_the_merged_answer"
     )
 
 CONSTANTS = {

@@ -9,6 +9,7 @@ original flow's wait for its autoscaling GPU cluster), showing what it has meanw
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -20,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from visionautoml.config import Compute
-from visionautoml.errors import VisionAutoMLError
+from visionautoml.errors import VisionAutoMLError, first_line
 
 # Object store for the local Ray: trials get paths, not data, so little is needed.
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
@@ -113,6 +114,9 @@ def ray_session(compute: Compute, *, on_status: Callable[[str], None] | None = N
         yield info
     finally:
         if ray.is_initialized():
+            if compute.target == "ray" and compute.min_gpus:
+                with contextlib.suppress(Exception):  # the cluster may be gone; the request with it
+                    request_gpus(0)
             ray.shutdown()
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
@@ -132,7 +136,7 @@ def join_cluster(compute: Compute, *, on_status: Callable[[str], None] | None = 
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise ComputeError(
             f"compute.address: cannot connect to the Ray cluster at {compute.address}: "
-            f"{_first_line(str(error))}. Check that the head node is up (`ray status` on it), that this "
+            f"{first_line(error)}. Check that the head node is up (`ray status` on it), that this "
             "machine can reach it, and that RAY_AUTH_TOKEN holds the cluster's token"
         ) from None
     try:
@@ -144,6 +148,9 @@ def join_cluster(compute: Compute, *, on_status: Callable[[str], None] | None = 
             on_status=on_status,
         )
     except BaseException:
+        if compute.min_gpus:
+            with contextlib.suppress(Exception):
+                request_gpus(0)
         ray.shutdown()
         raise
 
@@ -156,7 +163,15 @@ def wait_for_resources(
     address: str,
     on_status: Callable[[str], None] | None = None,
 ) -> ClusterInfo:
-    """Poll the cluster until it is big enough; the error at the timeout says what it had."""
+    """Ask the autoscaler for ``min_gpus``, then poll the cluster until it is big enough.
+
+    An autoscaling cluster at zero workers starts GPU nodes only for work that asks for them,
+    and a sweep starts its trials only once the GPUs are there: the request breaks that wait
+    (it does nothing on a cluster without an autoscaler). Nodes cannot be asked for as such,
+    so ``min_nodes`` is only waited for. The error at the timeout says what the cluster had.
+    """
+    if min_gpus:
+        request_gpus(min_gpus)
     deadline = time.monotonic() + timeout_s
     last = ""
     while True:
@@ -177,6 +192,17 @@ def wait_for_resources(
         time.sleep(min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
 
 
+def request_gpus(count: int) -> None:
+    """Ask the autoscaler to keep ``count`` one-GPU bundles' worth of nodes; 0 withdraws the request.
+
+    The request stands until replaced, so the sweep withdraws it when it ends: otherwise the
+    autoscaler would keep the GPU nodes past their idle timeout.
+    """
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": 1}] * count)
+
+
 def trial_resources(compute: Compute, info: ClusterInfo, max_concurrent: int) -> dict[str, float]:
     """CPUs and GPUs per trial: as configured, else an even share of the cluster per concurrent trial."""
     cpus = compute.cpus_per_trial
@@ -192,8 +218,3 @@ def trial_resources(compute: Compute, info: ClusterInfo, max_concurrent: int) ->
     elif compute.target == "local" and info.gpus:
         resources["gpu"] = max(0.0, min(1.0, info.gpus / max(1, max_concurrent)))
     return resources
-
-
-def _first_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else "unknown error"

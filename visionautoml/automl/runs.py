@@ -40,6 +40,9 @@ from visionautoml.tracking.schema import (
 from visionautoml.tracking.store import Store
 from visionautoml.tracking.workspace import resolve_tracking_uri
 
+TUNE_STORAGE_TAG = "tune_storage"
+"""The parent run's tag naming where Ray Tune keeps the sweep (a folder or an ``s3://`` URL)."""
+
 
 def now() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -60,8 +63,14 @@ def start_parent_run(
     dataset_tags: dict[str, str],
     plan: space.SearchPlan,
     automatic: bool,
+    *,
+    storage: str,
 ) -> str:
-    """The sweep's own run: its settings as params, the config and search space as artifacts."""
+    """The sweep's own run: its settings as params, the config and search space as artifacts.
+
+    Its tags (the config hash, the dataset versions, Tune's ``storage``) are what a
+    ``--resume`` on a machine without the sweep's state file finds it by (:func:`find_sweep`).
+    """
     store = Store()
     tags = {
         Tag.KIND: SWEEP_KIND,
@@ -69,6 +78,7 @@ def start_parent_run(
         Tag.GIT_COMMIT: git_commit() or "unknown",
         **dataset_tags,
         Tag.TRACKING_URI: strip_userinfo(resolve_tracking_uri(job)),
+        TUNE_STORAGE_TAG: strip_userinfo(storage),
     }
     run_id = store.create_run(experiment_id, f"sweep-{now()}", tags)
     termination = job.sweep.early_termination
@@ -105,6 +115,29 @@ def log_automatic_plan(run_id: str, reasons: list[str], fixed: dict[str, Any]) -
     """Why the automatic mode chose its space, beside the space itself (``search_space.json``)."""
     text = "\n".join(f"- {reason}" for reason in reasons) + "\n\nFixed for every trial: " + json.dumps(fixed)
     Store().log_files(run_id, {"automatic_space.md": text + "\n"})
+
+
+def find_sweep(experiment_id: str, fingerprint: str) -> dict[str, Any]:
+    """The newest sweep of this config in the tracking store, as the state ``--resume`` needs; {} if none.
+
+    It is ``finished`` once its run ended FINISHED or FAILED (it registered a model, or no
+    trial produced one); a RUNNING or KILLED one was interrupted.
+    """
+    found = Store().search(
+        [experiment_id],
+        f"tags.`{Tag.KIND}` = '{SWEEP_KIND}' and tags.`{Tag.CONFIG_HASH}` = '{fingerprint}'",
+        limit=1,
+    )
+    if not found or not found[0].tags.get(TUNE_STORAGE_TAG):
+        return {}
+    run = found[0]
+    state: dict[str, Any] = {"parent_run_id": run.run_id, "storage": run.tags[TUNE_STORAGE_TAG]}
+    for role in ("training", "validation"):
+        state[role] = run.tags.get(Tag.dataset(role))
+        state[f"{role}_digest"] = run.tags.get(Tag.dataset(role, "digest"))
+    if run.status in (RunStatus.FINISHED, RunStatus.FAILED):
+        state["finished"] = True
+    return state
 
 
 def reopen_run(run_id: str) -> None:

@@ -42,7 +42,6 @@ from visionautoml.errors import ConfigError
 SubSpace = dict[str, ParameterDistribution]
 
 
-
 @dataclass(frozen=True)
 class SearchPlan:
     """What the sweep will run: the sub-spaces, and for grid/random the trials' parameters."""

@@ -6,9 +6,11 @@ trials on Ray Tune (each one a trainer run in a child MLflow run, reporting ever
 evaluation to Tune's early-termination scheduler), then settle every child run's state
 (Tune kills stopped trials, so their runs are closed here with the reason), write the
 leaderboard to the parent run, register the best model with the alias ``candidate`` and
-promote it if asked. The sweep's state lives in ``<workspace>/sweeps/`` so that an
-interrupted sweep continues with ``--resume`` (Tune's ``Tuner.restore``): finished
-trials are kept, trials that were running start again.
+promote it if asked. The sweep's state lives in ``<workspace>/sweeps/`` and in the parent
+run's tags (config hash, dataset versions, Tune's storage), so that an interrupted sweep
+continues with ``--resume`` (Tune's ``Tuner.restore``), also from another machine when
+Tune's storage is ``compute.storage_path`` on object storage: finished trials are kept,
+trials that were running start again from their last checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from rich.console import Console
 from rich.live import Live
 
 from visionautoml.automl import compute, runs, space, tuner
-from visionautoml.automl.automatic import AutomaticPlan, DataProfile, automatic_plan
+from visionautoml.automl.automatic import AutomaticPlan, automatic_plan
 from visionautoml.automl.leaderboard import (
     Board,
     BoardCallback,
@@ -37,44 +38,20 @@ from visionautoml.automl.leaderboard import (
 )
 from visionautoml.automl.outcome import TrainOutcome, register_and_promote
 from visionautoml.automl.schedulers import stop_reasons
+from visionautoml.automl.sweep_data import PreparedData, dataset_names, prepare_data, publish, slug
 from visionautoml.automl.trial_runner import TrialFunction, finite
 from visionautoml.config import JobConfig
-from visionautoml.data.formats import read_dataset
 from visionautoml.errors import ConfigError, TrainingError, VisionAutoMLError
 from visionautoml.files import atomic_write_text
-from visionautoml.tracking.schema import PRIMARY_METRIC, RunStatus, Tag, TrialState
-from visionautoml.tracking.workspace import connect
+from visionautoml.redact import strip_userinfo
+from visionautoml.tracking.schema import PRIMARY_METRIC, RunStatus, TrialState
+from visionautoml.tracking.workspace import connect, resolve_tracking_uri
 
 SWEEPS_DIR = "sweeps"
 
 
 class SweepInterrupted(VisionAutoMLError):
     """The sweep stopped before every trial ran (Ctrl+C); ``--resume`` continues it."""
-
-
-@dataclass
-class _Prepared:
-    """What every trial shares: the job with the data versions' paths, and the versions."""
-
-    job: JobConfig
-    training_ref: str
-    training_digest: str
-    validation_ref: str
-    validation_digest: str
-    image_count: int
-    profile: DataProfile
-
-    def refs(self) -> dict[str, str]:
-        return {"training": self.training_ref, "validation": self.validation_ref}
-
-    def tags(self) -> dict[str, str]:
-        """The dataset versions as the parent run and the registered model carry them."""
-        return {
-            Tag.TRAINING_DATASET: self.training_ref,
-            Tag.dataset("training", "digest"): self.training_digest,
-            Tag.VALIDATION_DATASET: self.validation_ref,
-            Tag.dataset("validation", "digest"): self.validation_digest,
-        }
 
 
 @dataclass
@@ -108,9 +85,10 @@ def run_sweep(
 
         trial_fn = trial.run_trial
     state_file = Path(job.workspace) / SWEEPS_DIR / f"{fingerprint}.json"
-    state = _load_state(state_file, resume, fingerprint)
     experiment_id = connect(job)
-    prepared = _prepare_data(job, state, console)
+    tracking_uri = resolve_tracking_uri(job)
+    state = _load_state(state_file, resume, fingerprint, experiment_id, console)
+    prepared = prepare_data(job, state, console, tracking_uri=tracking_uri)
 
     _start_importing("visionautoml.models.zoo")  # for _plan, while Ray starts
     with compute.ray_session(
@@ -118,19 +96,18 @@ def run_sweep(
     ) as cluster:
         console.print(f"Ray: {cluster.describe()}")
         plan, automatic = _plan(job, prepared, cluster, console)
+        storage = state.get("storage") or _new_storage(job, state_file, fingerprint)
         parent_run_id = state.get("parent_run_id") or runs.start_parent_run(
-            job, experiment_id, fingerprint, prepared.tags(), plan, automatic is not None
+            job, experiment_id, fingerprint, prepared.tags(), plan, automatic is not None, storage=storage
         )
         if automatic is not None and not state.get("parent_run_id"):
             runs.log_automatic_plan(parent_run_id, automatic.reasons, automatic.fixed)
         if resume:
             runs.reopen_run(parent_run_id)
-        storage = state.get("storage") or str(
-            state_file.parent / f"{_slug(job.experiment_name)}-{fingerprint[:8]}-{runs.now()}"
-        )
         _save_state(
-            state_file, {**state, "parent_run_id": parent_run_id, "storage": storage, **prepared.refs()}
+            state_file, {**state, "parent_run_id": parent_run_id, "storage": storage, **prepared.state()}
         )
+        prepared = publish(prepared, parent_run_id, tracking_uri=tracking_uri)
         trials = _run_trials(job, plan, prepared, trial_fn, parent_run_id, storage, resume, cluster, console)
 
     records, searched = trials.records, trials.searched
@@ -189,15 +166,26 @@ def run_sweep(
     return outcome
 
 
-def _load_state(path: Path, resume: bool, fingerprint: str) -> dict[str, Any]:
-    """The interrupted sweep to resume, or a fresh state; a clear error when there is nothing to resume."""
+def _load_state(
+    path: Path, resume: bool, fingerprint: str, experiment_id: str, console: Console
+) -> dict[str, Any]:
+    """The interrupted sweep to resume, or a fresh state; a clear error when there is nothing to resume.
+
+    Without a state file here (another machine started the sweep, or a pod that is gone), the
+    newest sweep of this config in the tracking store is the one resumed.
+    """
     if not resume:
         return {}
     state = _load_json(path)
     if not state.get("storage"):
+        state = runs.find_sweep(experiment_id, fingerprint)
+        if state.get("storage") and not state.get("finished"):
+            console.print(f"Resuming sweep {state['parent_run_id']}, found in the tracking store")
+    if not state.get("storage"):
         raise ConfigError(
-            f"--resume: no sweep of this config (hash {fingerprint}) was started in {path.parent.parent}; "
-            "run without --resume to start one (a changed config is a new sweep)"
+            f"--resume: no sweep of this config (hash {fingerprint}) was started in {path.parent.parent} "
+            "or found in the tracking store; run without --resume to start one (a changed config is a "
+            "new sweep)"
         )
     if state.get("finished"):
         raise ConfigError(
@@ -220,77 +208,17 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(state, indent=2) + "\n")
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "sweep"
-
-
-def dataset_names(job: JobConfig) -> tuple[str, str]:
-    """The names a sweep registers its data under (the pipeline registers under the same ones)."""
-    slug = _slug(job.experiment_name)
-    return f"{slug}-train", f"{slug}-validation"
-
-
-def _prepare_data(job: JobConfig, state: dict[str, Any], console: Console) -> _Prepared:
-    """Resolve the data once, as a single trial would, and register both parts as dataset versions.
-
-    Every trial then reads the same two versions, and the validation set is a versioned,
-    content-addressed thing the model's tags can point at, which ``promote_if_better`` needs
-    to compare like with like. Registering is get-or-create, so data that already is a
-    version (the pipeline's, a ``NAME:VERSION``) maps to itself.
-    """
-    from visionautoml.data.sources import resolve_training_data
-    from visionautoml.data.versions import DatasetStore, default_store_root
-
-    store = DatasetStore(default_store_root(job.workspace))
-    if state.get("training") and state.get("validation"):
-        training = _get_version(store, state["training"])
-        validation = _get_version(store, state["validation"])
-    else:
-        with console.status("reading the training data"):
-            data = resolve_training_data(
-                job.training_data,
-                job.validation_data,
-                validation_data_size=job.validation_data_size,
-                seed=job.training_parameters.seed,
-                store_root=store.url,
-                datastore_root=Path(job.datastore_root) if job.datastore_root else None,
-                drop_invalid=job.invalid_data == "drop",
-            )
-        train_name, validation_name = dataset_names(job)
-        training = store.register_dataset(
-            data.training, train_name, source=data.location("training"), problems=data.problems["training"]
-        )
-        validation = store.register_dataset(
-            data.validation,
-            validation_name,
-            source=data.location("validation"),
-            problems=data.problems["validation"],
-        )
-        console.print(
-            f"Data: {training.ref} ({training.image_count} images) for training, "
-            f"{validation.ref} ({validation.image_count} images) for validation"
-        )
-    trial_job = job.model_copy(
-        update={"training_data": training.annotations, "validation_data": validation.annotations}
-    )
-    return _Prepared(
-        trial_job,
-        training.ref,
-        training.digest,
-        validation.ref,
-        validation.digest,
-        training.image_count + validation.image_count,
-        DataProfile.of(read_dataset(training.annotations)),
-    )
-
-
-def _get_version(store: Any, ref: str) -> Any:
-    name, _, version = ref.partition(":")
-    return store.get(name, int(version))
+def _new_storage(job: JobConfig, state_file: Path, fingerprint: str) -> str:
+    """Where Tune keeps this sweep: in ``compute.storage_path`` (a URL stays a string), else the workspace."""
+    name = f"{slug(job.experiment_name)}-{fingerprint[:8]}-{runs.now()}"
+    root = job.compute.storage_path
+    if root and "://" in root:
+        return f"{root.rstrip('/')}/{name}"
+    return str((Path(root).expanduser().resolve() if root else state_file.parent) / name)
 
 
 def _plan(
-    job: JobConfig, prepared: _Prepared, cluster: compute.ClusterInfo, console: Console
+    job: JobConfig, prepared: PreparedData, cluster: compute.ClusterInfo, console: Console
 ) -> tuple[space.SearchPlan, AutomaticPlan | None]:
     """The search space (the job's, checked when the config loaded, or the automatic one) and its trials.
 
@@ -348,7 +276,7 @@ def _available_models() -> list[str] | None:
 def _run_trials(
     job: JobConfig,
     plan: space.SearchPlan,
-    prepared: _Prepared,
+    prepared: PreparedData,
     trial_fn: TrialFunction,
     parent_run_id: str,
     storage: str,
@@ -360,7 +288,9 @@ def _run_trials(
     limits = job.limits
     resources = compute.trial_resources(job.compute, cluster, limits.max_concurrent_trials)
     deadline = time.time() + limits.timeout_minutes * 60 if limits.timeout_minutes else None
-    trainable = tuner.trainable(prepared.job, trial_fn, parent_run_id, deadline, resources)
+    trainable = tuner.trainable(
+        _trial_job(prepared.job), trial_fn, parent_run_id, deadline, resources, prepared.specs()
+    )
     total = len(plan.trials) or limits.max_trials
     board = Board(space.searched_names(plan.subspaces), total)
     tune_run, scheduler = tuner.build_tuner(job, plan, trainable, storage, resume, deadline)
@@ -383,6 +313,18 @@ def _run_trials(
         tuner.TrialTimeLimit(limits.trial_timeout_minutes).limit_s,
     )
     return _Trials(records, board.searched, total, _interrupted(records, total, deadline))
+
+
+def _trial_job(job: JobConfig) -> JobConfig:
+    """The job as trials get it: with the driver's tracking URI, so a node without one logs there too.
+
+    A URI with a password in it is left out (it would travel in the job): such a node needs
+    ``MLFLOW_TRACKING_URI`` of its own, as it needs its login.
+    """
+    uri = resolve_tracking_uri(job)
+    if job.tracking.uri == uri or strip_userinfo(uri) != uri:
+        return job
+    return job.model_copy(update={"tracking": job.tracking.model_copy(update={"uri": uri})})
 
 
 def _interrupted(records: list[TrialRecord], total: int, deadline: float | None) -> bool:

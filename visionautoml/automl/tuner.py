@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -25,6 +25,8 @@ from visionautoml.automl.leaderboard import BoardCallback, TrialRecord, trial_nu
 from visionautoml.automl.schedulers import FINAL_KEY, INTERVAL_KEY, build_scheduler
 from visionautoml.automl.trial_runner import (
     BEST_KEY,
+    FAILED_KEY,
+    DatasetSpecs,
     TrialFailed,
     TrialFunction,
     finite,
@@ -45,6 +47,7 @@ def trainable(
     parent_run_id: str,
     deadline: float | None,
     resources: dict[str, float],
+    datasets: DatasetSpecs | None = None,
 ) -> Any:
     return tune.with_resources(
         tune.with_parameters(
@@ -53,9 +56,31 @@ def trainable(
             trial_fn=trial_fn,
             parent_run_id=parent_run_id,
             deadline=deadline,
+            datasets=datasets,
         ),
         resources,
     )
+
+
+def storage_location(storage: str) -> tuple[str, Any]:
+    """``(path, filesystem)`` as Tune takes them: a folder as it is, ``s3://`` through pyarrow's S3.
+
+    The S3 endpoint and region come from the standard variables (``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL``, ``AWS_REGION`` or ``AWS_DEFAULT_REGION``), the keys from AWS's usual
+    chain, read where the file system is used: the driver. Trials write nothing there (they
+    checkpoint through the tracking server), so the workers need no keys.
+    """
+    if not storage.startswith("s3://"):
+        return storage, None
+    import pyarrow.fs
+
+    path = storage.removeprefix("s3://").strip("/")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not endpoint and not region:
+        region = pyarrow.fs.resolve_s3_region(path.split("/", 1)[0])
+    options = {key: value for key, value in (("endpoint_override", endpoint), ("region", region)) if value}
+    return path, pyarrow.fs.S3FileSystem(**options)
 
 
 def build_tuner(
@@ -71,10 +96,12 @@ def build_tuner(
     A restored Tuner brings back its own scheduler and searcher from the experiment folder.
     """
     param_space = {"params": tune.grid_search(plan.trials)} if plan.trials else {}
-    if resume and tune.Tuner.can_restore(storage):
+    location, filesystem = storage_location(storage)
+    if resume and tune.Tuner.can_restore(location, storage_filesystem=filesystem):
         restored = tune.Tuner.restore(
-            storage,
+            location,
             trainable=trainable,
+            storage_filesystem=filesystem,
             param_space=param_space or None,
             resume_unfinished=True,
             resume_errored=False,
@@ -108,7 +135,7 @@ def build_tuner(
         search_alg = OptunaSearch(
             space.OptunaSpace(plan.subspaces), metric=PRIMARY_METRIC, mode=MODE, sampler=sampler
         )
-    path = Path(storage)
+    folder, _, name = location.rstrip("/").rpartition("/")
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
@@ -123,12 +150,14 @@ def build_tuner(
             reuse_actors=False,
         ),
         run_config=tune.RunConfig(
-            name=path.name,
-            storage_path=str(path.parent),
+            name=name,
+            storage_path=folder or ".",
+            storage_filesystem=filesystem,
             verbose=0,
             stop=TrialTimeLimit(limits.trial_timeout_minutes),
             callbacks=[BoardCallback()],
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            # Only a lost process or node reaches Tune as an error (trial_runner reports the rest).
+            failure_config=tune.FailureConfig(max_failures=job.compute.max_failures, fail_fast=False),
         ),
     )
     return tuner, scheduler
@@ -173,7 +202,11 @@ def final_trials(grid: Any, storage: str) -> list[Any]:
     which would make a finished sweep look interrupted.
     """
     analysis = getattr(grid, "_experiment_analysis", None)  # no public accessor for the trials
-    trials = getattr(analysis, "trials", None) or tune.ExperimentAnalysis(storage).trials
+    if getattr(analysis, "trials", None):
+        trials = analysis.trials
+    else:
+        location, filesystem = storage_location(storage)
+        trials = tune.ExperimentAnalysis(location, storage_filesystem=filesystem).trials
     return sorted(trials, key=lambda item: item.trial_id)
 
 
@@ -185,8 +218,12 @@ def collect(
     for trial in trials:
         last = trial.last_result or {}
         params = dict((trial.config or {}).get("params", {}))
+        failures = int(getattr(trial, "num_failures", 0) or 0)
         if trial.status == "ERROR":
             state, reason = TrialState.FAILED, scrub(_error_reason(trial))
+            failures -= 1  # the last failure was not retried
+        elif last.get(FAILED_KEY):
+            state, reason = TrialState.FAILED, str(last[FAILED_KEY])
         elif last.get(FINAL_KEY):
             state, reason = TrialState.COMPLETED, ""
         elif trial.status == "TERMINATED" and last:
@@ -209,7 +246,7 @@ def collect(
                 node_id=last.get("node_id"),
                 seconds=round(float(last.get("time_total_s", 0.0) or 0.0), 1),
                 reason=reason,
-                retries=int(getattr(trial, "num_failures", 0) or 0) if state != TrialState.FAILED else 0,
+                retries=max(0, failures),
             )
         )
     return records
@@ -220,7 +257,7 @@ def _trial_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {
         key: value
         for key, value in numbers(result).items()
-        if key not in skip and not key.startswith(("time_", "iterations_", "done"))
+        if key not in skip and finite(value) and not key.startswith(("time_", "iterations_", "done"))
     }
 
 

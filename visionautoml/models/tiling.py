@@ -102,7 +102,8 @@ def merge_detections(
     """
     boxes = torch.cat(
         [
-            part[0].reshape(-1, 4).float() + torch.tensor([left, top, left, top], dtype=torch.float32)
+            part[0].reshape(-1, 4).float()
+            + torch.tensor([left, top, left, top], dtype=torch.float32, device=part[0].device)
             for part, (left, top) in zip(parts, offsets, strict=True)
         ]
     )

@@ -37,6 +37,7 @@ class Tag:
     STOP_REASON = "stop_reason"
     BEST_EPOCH = "best_epoch"
     EPOCHS_COMPLETED = "epochs_completed"
+    RESUMED_FROM_EPOCH = "resumed_from_epoch"
     TRIAL_STATE = "trial_state"
     TUNE_TRIAL_ID = "tune_trial_id"
     RAY_NODE_ID = "ray_node_id"

@@ -126,7 +126,9 @@ def run_trial(
     checkpoint_dir = workspace_dir(job) / "checkpoints" / _trial_key(job, params)
     connect(job)
     run = TrialRun.open(
-        resume_run_id=_resumable_run(checkpoint_dir), run_name=run_name, parent_run_id=parent_run_id
+        resume_run_id=_resumable_run(checkpoint_dir, job, parent_run_id, run_name),
+        run_name=run_name,
+        parent_run_id=parent_run_id,
     )
     run.delete_tag(Tag.FAILURE_REASON)  # the reason a resumed attempt stopped no longer holds
     status = RunStatus.FAILED
@@ -163,7 +165,7 @@ def _train_and_log(
     data = load_trial_data(job, params)
     start = resolve_start(params)
     data_tags = dataset_tags(data)
-    _adopt_checkpoints(checkpoint_dir, run.run_id, data_tags)
+    _adopt_checkpoints(checkpoint_dir, run.run_id, data_tags, job)
     classes = list(data.training.classes)
     tags = {
         **data_tags,
@@ -235,6 +237,8 @@ def _train_and_log(
         Tag.STOP_REASON: outcome.stop_reason,
         Tag.EPOCHS_COMPLETED: str(outcome.epochs_completed),
     }
+    if outcome.resumed_from_epoch is not None:  # a retried or interrupted trial carried on, not restarted
+        summary[Tag.RESUMED_FROM_EPOCH] = str(outcome.resumed_from_epoch)
     run.set_tags(summary)
     run.log_metrics(
         {f"best_{key}": value for key, value in flat_metrics(evaluation.metrics).items()},
@@ -333,8 +337,28 @@ def _trial_key(job: JobConfig, params: TrainingParameters) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _resumable_run(checkpoint_dir: Path) -> str | None:
-    """The MLflow run an interrupted trial with these checkpoints was logging to, if it is still there."""
+def _mirrored(job: JobConfig) -> bool:
+    """Whether this trial's checkpoints are copied to the tracking server: a retry may run on another node."""
+    from visionautoml.tracking.datasets import served_to_every_node
+    from visionautoml.tracking.workspace import resolve_tracking_uri
+
+    return job.compute.target == "ray" and served_to_every_node(resolve_tracking_uri(job))
+
+
+def _resumable_run(
+    checkpoint_dir: Path, job: JobConfig, parent_run_id: str | None, run_name: str | None
+) -> str | None:
+    """The MLflow run an interrupted trial with these checkpoints was logging to, if it is still there.
+
+    A sweep trial retried on another node than its first attempt finds no checkpoints here:
+    it fetches the earlier attempt's copies from the tracking server first (see
+    :mod:`visionautoml.tracking.checkpoints`).
+    """
+    if not checkpoint_paths(checkpoint_dir)[1].is_file() and parent_run_id and run_name and _mirrored(job):
+        from visionautoml.tracking.checkpoints import fetch_checkpoints
+        from visionautoml.tracking.workspace import current_tracking_uri
+
+        fetch_checkpoints(parent_run_id, run_name, checkpoint_dir, tracking_uri=current_tracking_uri())
     if not checkpoint_paths(checkpoint_dir)[1].is_file():
         return None  # it failed before its first checkpoint: nothing to resume
     try:
@@ -344,8 +368,11 @@ def _resumable_run(checkpoint_dir: Path) -> str | None:
     return recorded if isinstance(recorded, str) and is_active_run(recorded) else None
 
 
-def _adopt_checkpoints(checkpoint_dir: Path, run_id: str, data_tags: dict[str, str]) -> None:
-    """Keep checkpoints only if they were made from this very data; then record this run as their owner."""
+def _adopt_checkpoints(checkpoint_dir: Path, run_id: str, data_tags: dict[str, str], job: JobConfig) -> None:
+    """Keep checkpoints only if they were made from this very data; then record this run as their owner.
+
+    On a cluster the checkpoints are copied to the run from now on, for a retry elsewhere.
+    """
     digests = {key: value for key, value in data_tags.items() if key.endswith(".digest")}
     try:
         recorded = json.loads((checkpoint_dir / RUN_FILE).read_text(encoding="utf-8"))
@@ -358,6 +385,11 @@ def _adopt_checkpoints(checkpoint_dir: Path, run_id: str, data_tags: dict[str, s
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(checkpoint_dir / RUN_FILE, json.dumps({"run_id": run_id, "digests": digests}, indent=2))
+    if _mirrored(job):
+        from visionautoml.tracking.checkpoints import mirror_checkpoints
+        from visionautoml.tracking.workspace import current_tracking_uri
+
+        mirror_checkpoints(checkpoint_dir, run_id, tracking_uri=current_tracking_uri())
 
 
 def _write_plots(out_dir: Path, evaluation: Evaluation, dataset: Dataset) -> None:
