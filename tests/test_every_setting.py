@@ -397,3 +397,11 @@ def test_a_setting_that_does_not_apply_to_the_model_is_refused():
         )
     with pytest.raises(ConfigError, match="model_size: 'small' applies to model_name: yolox only"):
         concrete_parameters(params(SSD, model_size="small"))
+
+
+def test_more_concurrent_trials_than_cores_share_them_instead_of_waiting():
+    info = compute.ClusterInfo(address="local", nodes=1, cpus=2, gpus=0)
+    plain = parse_config({}).compute
+    assert compute.trial_resources(plain, info, 1) == {"cpu": 2.0}
+    assert compute.trial_resources(plain, info, 2) == {"cpu": 1.0}
+    assert compute.trial_resources(plain, info, 3) == {"cpu": 0.66}  # 3 x 0.66 fit in 2 cores: 3 at a time

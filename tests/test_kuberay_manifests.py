@@ -3,7 +3,8 @@
 No cluster here or in CI, so the schemas are what `kubectl apply --validate=strict` would check,
 vendored under deploy/kuberay/schemas/ (README.md there says from where). Beyond the schemas, the
 tests hold the manifests to the flow they promise: the cluster's shape, the credentials from the
-Secret on every Ray pod, the job's entrypoint and config, and the image the Dockerfile builds.
+Secret on every Ray pod, no disk shared between pods, Ray Tune's object-store keys on the head only,
+the job's entrypoint and config, and the image the Dockerfile builds.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ SCHEMA_FILES = {
 }
 TRACKING_SECRET = "visionautoml-tracking"
 TRACKING_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+TUNE_STORAGE_SECRET = "visionautoml-tune-storage"
+OPTIONAL_TUNE_STORAGE_VARIABLES = ("AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+TUNE_STORAGE_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", *OPTIONAL_TUNE_STORAGE_VARIABLES)
+SHARED_DISKS = {"persistentVolumeClaim", "nfs", "hostPath", "csi"}  # a claim, a share, a node's disk
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
 
@@ -54,6 +59,11 @@ DOCUMENTS = dict(_documents())
 
 def _one(kind: str) -> dict[str, Any]:
     (document,) = [document for document in DOCUMENTS.values() if document["kind"] == kind]
+    return document
+
+
+def _secret(name: str) -> dict[str, Any]:
+    (document,) = [d for d in DOCUMENTS.values() if d["kind"] == "Secret" and d["metadata"]["name"] == name]
     return document
 
 
@@ -82,7 +92,6 @@ def test_the_manifests_are_there():
         "RayJob",
         "ConfigMap",
         "Secret",
-        "PersistentVolumeClaim",
     }
 
 
@@ -190,23 +199,60 @@ def test_the_jobs_cluster_is_the_standing_clusters_plus_the_config_volume():
     head["volumes"] = [volume for volume in head["volumes"] if volume["name"] != "pipeline-config"]
     mounts = head["containers"][0]["volumeMounts"]
     head["containers"][0]["volumeMounts"] = [mount for mount in mounts if mount["name"] != "pipeline-config"]
+    # The config volume was the head's only one: what is left is nothing, as on the standing cluster.
+    for owner, key in ((head, "volumes"), (head["containers"][0], "volumeMounts")):
+        if not owner[key]:
+            del owner[key]
 
     assert job == standing
 
 
 @pytest.mark.parametrize("owner", ["RayCluster", "RayJob"])
+def test_no_pod_mounts_a_claim_or_a_disk_another_pod_sees(owner):
+    """Datasets, checkpoints and Tune's state reach the nodes through the tracking server and the bucket."""
+    assert not [d for d in DOCUMENTS.values() if d["kind"] == "PersistentVolumeClaim"]
+    head, *workers = _pods(_clusters()[owner])
+    for pod in (head, *workers):
+        for volume in pod["spec"].get("volumes", []):
+            assert not set(volume) & SHARED_DISKS, volume
+    head_volumes = {volume["name"] for volume in head["spec"].get("volumes", [])}
+    for worker in workers:
+        volumes = worker["spec"].get("volumes", [])
+        assert all(set(volume) == {"name", "emptyDir"} for volume in volumes), volumes  # the pod's own
+        assert not head_volumes & {volume["name"] for volume in volumes}
+
+
+@pytest.mark.parametrize("owner", ["RayCluster", "RayJob"])
 def test_every_ray_pod_gets_the_tracking_credentials_from_the_secret(owner):
-    secret = next(
-        d for d in DOCUMENTS.values() if d["kind"] == "Secret" and d["metadata"]["name"] == TRACKING_SECRET
-    )
     for pod in _pods(_clusters()[owner]):
         (container,) = pod["spec"]["containers"]
         env = {variable["name"]: variable for variable in container["env"]}
         for name in TRACKING_VARIABLES:
             assert "value" not in env[name], f"{name} must come from the Secret, not the manifest"
             assert env[name]["valueFrom"]["secretKeyRef"] == {"name": TRACKING_SECRET, "key": name}
-        assert not any(name.startswith("AWS_") for name in env)  # workers need no object-store keys
-    assert set(secret["stringData"]) == set(TRACKING_VARIABLES)
+    assert set(_secret(TRACKING_SECRET)["stringData"]) == set(TRACKING_VARIABLES)
+
+
+@pytest.mark.parametrize("owner", ["RayCluster", "RayJob"])
+def test_only_the_head_gets_the_tune_storage_keys_from_their_secret(owner):
+    """The driver (on the head) alone uses Ray Tune's storage; the workers hold no object-store keys."""
+    head, *workers = _pods(_clusters()[owner])
+    (container,) = head["spec"]["containers"]
+    aws = {variable["name"]: variable for variable in container["env"] if variable["name"].startswith("AWS_")}
+    assert set(aws) == set(TUNE_STORAGE_VARIABLES)
+    for name, variable in aws.items():
+        assert "value" not in variable, f"{name} must come from the Secret, not the manifest"
+        expected = {"name": TUNE_STORAGE_SECRET, "key": name}
+        if name in OPTIONAL_TUNE_STORAGE_VARIABLES:
+            expected["optional"] = True
+        assert variable["valueFrom"]["secretKeyRef"] == expected
+    assert workers
+    for worker in workers:
+        (container,) = worker["spec"]["containers"]
+        names = [variable["name"] for variable in container.get("env", [])]
+        assert not [name for name in names if name.startswith("AWS_")]  # workers need no object-store keys
+        assert not container.get("envFrom")
+    assert set(_secret(TUNE_STORAGE_SECRET)["stringData"]) == set(TUNE_STORAGE_VARIABLES)
 
 
 def test_the_job_runs_the_pipeline_on_the_config_its_head_mounts(tmp_path):
@@ -227,6 +273,28 @@ def test_the_job_runs_the_pipeline_on_the_config_its_head_mounts(tmp_path):
     job_config = load_config(config)
     assert job_config.compute.target == "ray" and job_config.compute.gpus_per_trial == 1
     assert job_config.tracking.uri is None  # the pods' MLFLOW_TRACKING_URI says where
+
+
+def test_the_jobs_config_keeps_tune_in_the_bucket_and_its_workspace_on_no_shared_path(tmp_path):
+    config_map = _one("ConfigMap")
+    (config_key,) = config_map["data"]
+    config = tmp_path / config_key
+    config.write_text(config_map["data"][config_key])
+    job_config = load_config(config)
+    cluster = _clusters()["RayJob"]
+    mounts = [
+        mount["mountPath"]
+        for pod in _pods(cluster)
+        for container in pod["spec"]["containers"]
+        for mount in container.get("volumeMounts", [])
+    ]
+
+    assert re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]+/\S+", job_config.compute.storage_path or "")
+    assert job_config.compute.max_failures >= 1  # a trial on a lost node is retried
+    assert job_config.compute.min_gpus == 1  # asks the autoscaler for the first GPU worker
+    workspace = Path(job_config.workspace)
+    assert workspace.is_absolute()  # the same path on every pod, each pod's own disk
+    assert not [mount for mount in mounts if workspace.is_relative_to(mount)], mounts
 
 
 # --- the image ----------------------------------------------------------------------------------

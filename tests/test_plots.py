@@ -149,3 +149,27 @@ def test_a_dataset_that_does_not_match_the_evaluation_is_refused(tmp_path):
     with pytest.raises(ValueError, match="the dataset has 3 images but the evaluation 2"):
         write_trial_plots(tmp_path / "plots", evaluation, dataset)
     assert not Path(tmp_path / "plots" / "validation_images.png").exists()
+
+
+def test_validation_images_show_the_tile_grid_the_model_looked_at(tmp_path):
+    from matplotlib.colors import to_hex
+
+    from visionautoml.config import Tiling
+    from visionautoml.reports.plots import TILE_COLOUR, validation_images_figure
+
+    dataset = read_dataset(make_voc_dataset(tmp_path / "voc", n_images=2))
+    gts = [
+        ImageGroundTruth(np.zeros((0, 4)), [], [], record.width, record.height, record.name)
+        for record in dataset.images
+    ]
+    dets = [found(np.zeros((0, 4)), np.zeros(0), []) for _ in dataset.images]
+
+    def tiles_drawn(tiling: Tiling | None) -> list[int]:
+        figure = validation_images_figure(gts, dets, ["a"], dataset, 0.5, tiling=tiling)
+        return [
+            sum(to_hex(patch.get_edgecolor()) == TILE_COLOUR for patch in axes.patches)
+            for axes in figure.axes
+        ]
+
+    assert tiles_drawn(Tiling(tile_grid_size="3x2")) == [6, 6]
+    assert tiles_drawn(None) == tiles_drawn(Tiling()) == [0, 0]

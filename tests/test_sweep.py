@@ -411,3 +411,89 @@ def test_a_real_sweep_trains_two_models_and_registers_the_better(local_ray, trac
     saved = resolve_model(f"models:/{job.register.model_name}@candidate", tracking_uri=tracking_uri)
     assert json.loads((saved / "model.json").read_text())["model_name"] == best.params["model_name"]
     assert "Leaderboard" in console.file.getvalue()
+
+
+def test_a_sweep_over_the_tile_grid_registers_the_better_and_its_export_keeps_the_grid(
+    local_ray, tracking_uri, tmp_path
+):
+    """`tile_grid_size: [none, 2x2]`: two real trials; the registered model and its export keep its grid."""
+    from visionautoml.deploy.export import export_model
+    from visionautoml.deploy.runtime import ExportSettings
+    from visionautoml.tracking.models import resolve_model
+
+    job = make_job(
+        tmp_path,
+        tracking_uri,
+        training_parameters={
+            "model_name": "ssdlite320_mobilenet_v3_large",
+            "number_of_epochs": 1,
+            "pretrained": "none",
+            "training_batch_size": 4,
+            "image_size": 64,
+        },
+        sweep={"sampling_algorithm": "grid"},
+        limits={"max_trials": 2, "max_concurrent_trials": 2, "trial_timeout_minutes": 5},
+        search_space=[{"tile_grid_size": {"type": "choice", "values": ["none", "2x2"]}}],
+    )
+    result = train(settle(job), console=quiet())
+
+    assert sorted(str(trial.params["tile_grid_size"]).lower() for trial in result.trials) == ["2x2", "none"]
+    assert [trial.state for trial in result.trials] == ["completed", "completed"]
+    searched = str(result.best.params["tile_grid_size"])
+    best_grid = None if searched.lower() == "none" else searched
+    assert "tile_grid_size" in result.leaderboard_markdown.splitlines()[0]
+    uri = f"models:/{job.register.model_name}@candidate"
+    saved = resolve_model(uri, tracking_uri=tracking_uri)
+    assert registry.get_version(job.register.model_name, alias="candidate").run_id == result.best.run_id
+    assert json.loads((saved / "model.json").read_text())["tiling"]["tile_grid_size"] == best_grid
+    exported = export_model(str(saved), tmp_path / "onnx")
+    assert ExportSettings.read(exported.directory).tiling.tile_grid_size == best_grid
+
+
+def names_trial(job, *, params, reporter, parent_run_id, run_name):
+    """toy_trial, after writing the names of the images the real trial loader hands the trial."""
+    from visionautoml.training.trial import load_trial_data
+
+    data = load_trial_data(job, params)
+    names = {
+        role: sorted(record.name for record in getattr(data, role).images)
+        for role in ("training", "validation")
+    }
+    (Path(job.workspace) / f"{run_name}.names.json").write_text(json.dumps(names))
+    return toy_trial(job, params=params, reporter=reporter, parent_run_id=parent_run_id, run_name=run_name)
+
+
+def test_a_sweep_trains_on_exactly_the_train_images_of_a_version_or_a_converted_folder(
+    local_ray, tracking_uri, tmp_path
+):
+    from visionautoml.data.convert import convert
+    from visionautoml.data.formats import read_dataset
+    from visionautoml.data.versions import DatasetStore
+
+    converted = tmp_path / "converted"
+    convert(make_voc_dataset(tmp_path / "voc", n_images=10), converted, "jsonl", validation_every=5)
+    expected = {
+        role: sorted(record.name for record in read_dataset(converted / f"{role}_annotations.jsonl").images)
+        for role in ("train", "validation")
+    }
+    assert len(expected["train"]) == 8 and len(expected["validation"]) == 2
+    store = DatasetStore(tmp_path / "ws" / "datasets")
+    train_ref = store.register(converted / "train_annotations.jsonl", "shapes-train").ref
+    validation_ref = store.register(converted / "validation_annotations.jsonl", "shapes-validation").ref
+
+    for source, extra in ((str(converted), {}), (train_ref, {"validation_data": validation_ref})):
+        job = make_job(
+            tmp_path,
+            tracking_uri,
+            training_data=source,
+            **extra,
+            training_parameters={"number_of_epochs": 1, "pretrained": "none"},
+            limits={"max_trials": 1, "max_concurrent_trials": 1},
+            search_space=[{"learning_rate": {"type": "choice", "values": [0.005]}}],
+        )
+        result = train(settle(job), trial_fn=names_trial, console=quiet())
+        assert [trial.state for trial in result.trials] == ["completed"], source
+        [written] = list((tmp_path / "ws").glob("*.names.json"))
+        names = json.loads(written.read_text())
+        written.unlink()
+        assert names == {"training": expected["train"], "validation": expected["validation"]}, source

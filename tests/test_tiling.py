@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from PIL import Image
@@ -388,6 +389,51 @@ def test_the_onnx_runtime_predictor_goes_through_the_same_tiling(square_model, t
         assert _found(a.boxes, x, y)
         assert a.labels == b.labels
         assert torch.allclose(a.boxes, b.boxes, atol=0.5) and torch.allclose(a.scores, b.scores, atol=1e-3)
+
+
+def test_the_served_export_applies_the_models_tiling(square_model, tmp_path, one_torch_thread):
+    """`serve` on the ONNX export: the export records the grid, the service tiles around the graph."""
+    import contextlib
+    import io
+    import os
+
+    from test_serve import start_server
+
+    from visionautoml.deploy.export import export_saved_model
+    from visionautoml.deploy.runtime import ExportSettings
+    from visionautoml.models.saved import load_model
+
+    module, spec = load_model(square_model)
+    export = export_saved_model(
+        module, ExportSettings.from_spec(spec), tmp_path / "onnx", [_canvas(30, 30)], sample_source="canvas"
+    )
+    assert ExportSettings.read(export.directory).tiling == spec.tiling
+    x, y = SQUARES[1]
+    png = io.BytesIO()
+    Image.fromarray(_canvas(x, y).permute(1, 2, 0).numpy()).save(png, format="PNG")
+    env = {**os.environ, "VISIONAUTOML_API_KEY": "tiling-key"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    def served(*options: str) -> tuple[bool, dict]:
+        arguments = [str(export.directory), "--concurrency", "1", *options]
+        log = tmp_path / f"serve{len(options)}.log"
+        with contextlib.contextmanager(start_server)(arguments, log, env) as server:
+            headers = {"x-api-key": "tiling-key"}
+            answer = server.post(files={"file": ("canvas.png", png.getvalue(), "image/png")}, headers=headers)
+            assert answer.status_code == 200, answer.text
+            metadata = httpx.get(server.url + "/metadata", headers=headers, timeout=30).json()
+        boxes = torch.tensor(
+            [
+                [box["box"][key] * CANVAS for key in ("topX", "topY", "bottomX", "bottomY")]
+                for box in answer.json()[0]["boxes"]
+            ]
+        ).reshape(-1, 4)
+        return _found(boxes, x, y), metadata
+
+    found, metadata = served()
+    assert found and metadata["tiling"]["tile_grid_size"] == "4x4"
+    found, metadata = served("--tile-grid-size", "none")
+    assert not found and metadata["tiling"]["tile_grid_size"] is None
 
 
 def test_validation_and_evaluate_score_the_merged_predictions(square_model, tmp_path, one_torch_thread):

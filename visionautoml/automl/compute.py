@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -204,10 +205,16 @@ def request_gpus(count: int) -> None:
 
 
 def trial_resources(compute: Compute, info: ClusterInfo, max_concurrent: int) -> dict[str, float]:
-    """CPUs and GPUs per trial: as configured, else an even share of the cluster per concurrent trial."""
+    """CPUs and GPUs per trial: as configured, else an even share of the cluster per concurrent trial.
+
+    The share may be a fraction of a CPU (3 trials on 2 cores get 0.66 each): rounding it up to
+    one would run fewer trials at a time than ``max_concurrent_trials`` asks for. Ray gives a
+    trial with less than one CPU one thread.
+    """
     cpus = compute.cpus_per_trial
     if cpus is None:
-        cpus = max(1.0, float(int(info.cpus // max(1, max_concurrent))))
+        share = info.cpus / max(1, max_concurrent)
+        cpus = float(int(share)) if share >= 1 else math.floor(share * 100) / 100
     if cpus > info.cpus and compute.target == "local":
         raise ComputeError(
             f"compute.cpus_per_trial={cpus:g} is more than this machine's {info.cpus:g} CPUs; lower it"

@@ -62,6 +62,29 @@ SET_HELP = (
     "read as YAML and checked like the file)."
 )
 DEFAULT_STORE = str(Path(DEFAULT_WORKSPACE) / "datasets")
+TILE_GRID_HELP = (
+    "Tile grid over the model's own (the cloud service's tile_grid_size): 3x2, 2x2 ...; none turns the "
+    "model's tiling off."
+)
+TILE_OVERLAP_HELP = "Overlap of neighbouring tiles, a fraction of a tile (tile_overlap_ratio, 0-1)."
+TILE_NMS_HELP = (
+    "IoU above which boxes of the whole image and its tiles merge (tile_predictions_nms_threshold)."
+)
+
+
+def tiling_overrides(grid: str | None, overlap: float | None, nms_threshold: float | None) -> dict[str, Any]:
+    """The tiling settings given on the command line, checked now so a bad one fails before any loading."""
+    from visionautoml.models.tiling import resolve_tiling
+
+    given = {
+        "tile_grid_size": grid,
+        "tile_overlap_ratio": overlap,
+        "tile_predictions_nms_threshold": nms_threshold,
+    }
+    given = {name: value for name, value in given.items() if value is not None}
+    resolve_tiling(None, **given)
+    return given
+
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 
 import typer
 from rich.text import Text
 
-from visionautoml.cli.common import console, err_console, parse_duration
+from visionautoml.cli.common import (
+    TILE_GRID_HELP,
+    TILE_NMS_HELP,
+    TILE_OVERLAP_HELP,
+    console,
+    err_console,
+    parse_duration,
+    tiling_overrides,
+)
 
 
 class ExportFormat(StrEnum):
@@ -129,11 +138,18 @@ def predict(
         min=1,
         help="Images decoded and scored together: one call of the export's batched graph (SSD models).",
     ),
+    tile_grid_size: str | None = typer.Option(None, "--tile-grid-size", help=TILE_GRID_HELP),
+    tile_overlap_ratio: float | None = typer.Option(None, "--tile-overlap-ratio", help=TILE_OVERLAP_HELP),
+    tile_nms_threshold: float | None = typer.Option(
+        None, "--tile-predictions-nms-threshold", help=TILE_NMS_HELP
+    ),
 ) -> None:
     """Score images in batch; boxes in the cloud service's format (fractions of the image size).
 
     Unreadable images are listed in `OUT/skipped.jsonl` and skipped; the rest are scored. With an
-    export that has a batched path (SSD models), each `--batch-size` images run as one batch.
+    export that has a batched path (SSD models), each `--batch-size` images run as one batch. A model
+    trained with tiling answers for the whole image and its tiles, merged; `--tile-grid-size` (and the
+    overlap and merge threshold) replace its own grid, `--tile-grid-size none` turns it off.
 
     Examples:
 
@@ -144,8 +160,16 @@ def predict(
     from visionautoml.deploy.predict import predict_images
     from visionautoml.deploy.runtime import load_for_inference
 
-    loaded = load_for_inference(model, onnx=onnx, backend=backend.value, batch_size=batch_size)  # type: ignore[arg-type]
-    err_console.print(f"scoring with {loaded.spec.model_name} on {loaded.backend}", soft_wrap=True)
+    tiling = tiling_overrides(tile_grid_size, tile_overlap_ratio, tile_nms_threshold)
+    loaded = load_for_inference(
+        model,
+        onnx=onnx,
+        backend=backend.value,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        tiling=tiling,
+    )
+    tiles = f", tiles {loaded.tiling.tile_grid_size}" if loaded.tiling.grid else ""
+    err_console.print(f"scoring with {loaded.spec.model_name} on {loaded.backend}{tiles}", soft_wrap=True)
     summary = predict_images(
         loaded,
         images,
@@ -195,6 +219,11 @@ def serve(
     public_docs: bool = typer.Option(
         False, "--public-docs", help="Serve /docs and /openapi.json without the API key."
     ),
+    tile_grid_size: str | None = typer.Option(None, "--tile-grid-size", help=TILE_GRID_HELP),
+    tile_overlap_ratio: float | None = typer.Option(None, "--tile-overlap-ratio", help=TILE_OVERLAP_HELP),
+    tile_nms_threshold: float | None = typer.Option(
+        None, "--tile-predictions-nms-threshold", help=TILE_NMS_HELP
+    ),
 ) -> None:
     """Serve the model over HTTP with the cloud endpoint's request and response.
 
@@ -205,7 +234,9 @@ def serve(
 
     Concurrent requests are gathered into one inference call of up to `--max-batch` images (waiting
     at most `--batch-wait` for requests already on their way). The server runs as a worker process
-    under a supervisor that starts a new one if it dies.
+    under a supervisor that starts a new one if it dies. A model trained with tiling (its export
+    records the grid) answers for the whole image and its tiles, merged, as it was validated;
+    `--tile-grid-size` replaces the grid, `--tile-grid-size none` turns tiling off.
 
     Set `VISIONAUTOML_API_KEY` in the environment to require `Authorization: Bearer KEY` or
     `x-api-key: KEY` on everything but `/health` and `/ready`, which stay open for probes (401
@@ -222,7 +253,8 @@ def serve(
     from visionautoml.deploy.serve import API_KEY_ENV, ServeSettings, api_key_from_environment
     from visionautoml.deploy.serve import serve as run_server
 
-    location = locate_model(model, onnx=onnx, backend=backend.value)  # type: ignore[arg-type]
+    tiling = tiling_overrides(tile_grid_size, tile_overlap_ratio, tile_nms_threshold)
+    location = replace(locate_model(model, onnx=onnx, backend=backend.value), tiling=tiling)  # type: ignore[arg-type]
     settings = ServeSettings(
         max_body_bytes=int(max_body_mb * 1024 * 1024),
         max_pixels=max_pixels,

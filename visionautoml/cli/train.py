@@ -6,7 +6,16 @@ from pathlib import Path
 
 import typer
 
-from visionautoml.cli.common import DATASTORE_HELP, SET_HELP, MetricType, console, err_console
+from visionautoml.cli.common import (
+    DATASTORE_HELP,
+    SET_HELP,
+    TILE_GRID_HELP,
+    TILE_NMS_HELP,
+    TILE_OVERLAP_HELP,
+    MetricType,
+    console,
+    err_console,
+)
 
 
 def train(
@@ -104,6 +113,11 @@ def evaluate(
     plots: bool = typer.Option(
         True, "--plots/--no-plots", help="Also draw PR curves, a confusion matrix and the worst images."
     ),
+    tile_grid_size: str | None = typer.Option(None, "--tile-grid-size", help=TILE_GRID_HELP),
+    tile_overlap_ratio: float | None = typer.Option(None, "--tile-overlap-ratio", help=TILE_OVERLAP_HELP),
+    tile_nms_threshold: float | None = typer.Option(
+        None, "--tile-predictions-nms-threshold", help=TILE_NMS_HELP
+    ),
 ) -> None:
     """Score a model on labelled data: COCO mAP, the cloud service's VOC mAP, precision, recall, per-class AP.
 
@@ -115,13 +129,20 @@ def evaluate(
     * `visionautoml evaluate models:/raccoon@champion --data data/raccoon-val --out eval/`
     * `visionautoml evaluate runs:/3f2a.../model --data validation.jsonl --out eval/ --metric-type coco`
     * `visionautoml evaluate ./model --data data/voc --out eval/ --iou-threshold 0.75 --no-plots`
+    * `visionautoml evaluate ./model --data data/voc --out eval/ --tile-grid-size none` (a tiled model
+      scored on whole images only)
     """
     from visionautoml.evaluation.scoring import summary_table, write_evaluation
     from visionautoml.reports.plots import write_trial_plots
     from visionautoml.training.evaluate import evaluate_model, evaluation_parameters
 
     params = evaluation_parameters(
-        metric_type=metric_type, iou_threshold=iou_threshold, score_threshold=score_threshold
+        metric_type=metric_type,
+        iou_threshold=iou_threshold,
+        score_threshold=score_threshold,
+        tile_grid_size=tile_grid_size,
+        tile_overlap_ratio=tile_overlap_ratio,
+        tile_predictions_nms_threshold=tile_nms_threshold,
     )
     evaluation, dataset = evaluate_model(model, data, params, device=device, console=err_console)
     written = write_evaluation(out, evaluation)

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from visionautoml.config import Thresholds
+from visionautoml.config import Thresholds, Tiling
 
 
 class Box(BaseModel):
@@ -43,6 +43,8 @@ class Metadata(BaseModel):
     precision: str
     labels: list[str]
     thresholds: Thresholds
+    tiling: Tiling
+    """What inference runs: the model's tile grid (or the one ``serve`` was given), none without tiling."""
 
 
 SCORE_REQUEST_BODY: dict[str, Any] = {

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from visionautoml.config import Thresholds
+from visionautoml.config import Thresholds, Tiling
 from visionautoml.deploy.graphs import CORE_FILE, CORE_OUTPUTS, POSTPROCESS_FILE, PREPROCESS_FILE
 from visionautoml.deploy.sessions import Runtime, default_threads, make_session
 from visionautoml.errors import DataError, first_line
 from visionautoml.models.predictor import Detections, Predictor
 from visionautoml.models.saved import ModelSpec, upgrade_thresholds
+from visionautoml.models.tiling import TiledPredictor, resolve_tiling, with_tiling
 from visionautoml.tracking.models import EXPORT_SUBDIR
 
 __all__ = ["default_threads", "make_session"]
@@ -106,10 +107,17 @@ class ExportSettings(BaseModel):
     precision: Literal["fp32", "int8"] = "fp32"
     batched: BatchedPath | None = None
     accuracy_gate: AccuracyGate | None = None
+    tiling: Tiling = Tiling()
+    """The model's tiling: the graph scores one image, the runtime runs it on whole image + tiles."""
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> ExportSettings:
-        return cls(model_name=spec.model_name, labels=list(spec.labels), thresholds=spec.thresholds)
+        return cls(
+            model_name=spec.model_name,
+            labels=list(spec.labels),
+            thresholds=spec.thresholds,
+            tiling=spec.tiling,
+        )
 
     def with_graph(self, *, outputs: list[str], opset: int, graph_score_threshold: float) -> ExportSettings:
         return self.model_copy(
@@ -245,6 +253,8 @@ class ModelLocation:
     directory: Path
     registered_name: str | None = None
     registered_version: str | None = None
+    tiling: dict[str, Any] = field(default_factory=dict)
+    """Tiling settings given over the model's own (``tile_grid_size: "none"`` switches it off)."""
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "directory": str(self.directory)})
@@ -259,7 +269,7 @@ class ModelLocation:
 class LoadedModel:
     """A predictor and what a client may ask about it (``/metadata``)."""
 
-    predictor: Predictor | OnnxPredictor
+    predictor: Predictor | OnnxPredictor | TiledPredictor
     location: ModelLocation
 
     @property
@@ -281,7 +291,13 @@ class LoadedModel:
             "precision": getattr(spec, "precision", "fp32"),
             "labels": list(spec.labels),
             "thresholds": spec.thresholds.model_dump(),
+            "tiling": self.tiling.model_dump(),
         }
+
+    @property
+    def tiling(self) -> Tiling:
+        """What the predictor runs: the model's tiling, or the one given over it."""
+        return self.predictor.tiling if isinstance(self.predictor, TiledPredictor) else Tiling()
 
 
 def locate_model(
@@ -336,13 +352,17 @@ def load_located(location: ModelLocation, *, threads: int | None = None, batch_s
     whatever a call gives it (up to :data:`MAX_CORE_BATCH` per core run).
     """
     threads = threads or default_threads()
+    predictor: Predictor | OnnxPredictor
     if location.backend in _EXPORT_BACKENDS:
         predictor = OnnxPredictor(
             location.directory, intra_op_threads=threads, runtime=_RUNTIMES[location.backend]
         )
-        return LoadedModel(predictor, location)
-    torch.set_num_threads(threads)
-    return LoadedModel(Predictor.from_directory(location.directory, batch_size=batch_size), location)
+    else:
+        torch.set_num_threads(threads)
+        predictor = Predictor.from_directory(location.directory, batch_size=batch_size)
+    # The model's own tiling runs around either backend, unless the location's settings replace it.
+    tiling = resolve_tiling(predictor.spec.tiling, **location.tiling)
+    return LoadedModel(with_tiling(predictor, tiling), location)
 
 
 def load_for_inference(
@@ -352,9 +372,15 @@ def load_for_inference(
     backend: Backend = "auto",
     threads: int | None = None,
     batch_size: int = 4,
+    tiling: dict[str, Any] | None = None,
 ) -> LoadedModel:
-    """:func:`locate_model` then :func:`load_located`: the predictor for ``model``, ONNX when exported."""
+    """:func:`locate_model` then :func:`load_located`: the predictor for ``model``, ONNX when exported.
+
+    ``tiling``: settings given over the model's own (see :attr:`ModelLocation.tiling`).
+    """
     location = locate_model(model, onnx=onnx, backend=backend)
+    if tiling:
+        location = replace(location, tiling=tiling)
     return load_located(location, threads=threads, batch_size=batch_size)
 
 

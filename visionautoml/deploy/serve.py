@@ -169,7 +169,7 @@ def create_app(loaded: LoadedModel, settings: ServeSettings, api_key: str | None
         response_model=Metadata,
         dependencies=[Depends(authorise)],
         responses={401: error_responses[401]},
-        summary="The model behind the service: name, registry version, labels, thresholds",
+        summary="The model behind the service: name, registry version, labels, thresholds, tiling",
     )
     async def metadata() -> dict[str, Any]:
         return loaded.metadata()

@@ -30,6 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from visionautoml.config import Tiling
 from visionautoml.data.annotations import Dataset
 from visionautoml.data.images import decode_image_file
 from visionautoml.errors import DataError, first_line
@@ -45,6 +46,7 @@ from visionautoml.evaluation.metrics import (
     match_image,
 )
 from visionautoml.files import atomic_write_bytes, atomic_write_text
+from visionautoml.models.tiling import image_tiles
 
 if TYPE_CHECKING:
     from visionautoml.evaluation.scoring import Evaluation
@@ -53,17 +55,24 @@ PLOT_IOU_THRESHOLD = 0.5
 BACKGROUND = "background"
 GROUND_TRUTH_COLOUR = "#1a9850"
 PREDICTION_COLOUR = "#f46d43"
+TILE_COLOUR = "#4575b4"
 THUMBNAIL_SIZE = 480
 MAX_BOXES_DRAWN = 20  # per image: more labels than this only hide the picture
 
 
 def write_trial_plots(
-    out_dir: str | Path, evaluation: Evaluation, dataset: Dataset | None = None, *, max_images: int = 16
+    out_dir: str | Path,
+    evaluation: Evaluation,
+    dataset: Dataset | None = None,
+    *,
+    max_images: int = 16,
+    tiling: Tiling | None = None,
 ) -> list[Path]:
     """Write every diagnostic of a validation run into ``out_dir``; returns the files written.
 
     ``dataset`` supplies the validation images, in the order of ``evaluation.ground_truths``;
-    without it the image grid is skipped.
+    without it the image grid is skipped. With ``tiling`` the images show the tiles the model
+    also looked at.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +86,9 @@ def write_trial_plots(
     written.append(atomic_write_text(out_dir / "confusion_matrix.csv", confusion_matrix_csv(matrix, classes)))
     written.append(_save_figure(out_dir / "confusion_matrix.png", confusion_matrix_figure(matrix, classes)))
     if dataset is not None and dataset.images:
-        figure = validation_images_figure(truths, found, classes, dataset, threshold, max_images=max_images)
+        figure = validation_images_figure(
+            truths, found, classes, dataset, threshold, max_images=max_images, tiling=tiling
+        )
         written.append(_save_figure(out_dir / "validation_images.png", figure))
     written.append(atomic_write_text(out_dir / "per_class_ap.md", per_class_ap_table(evaluation)))
     return written
@@ -220,8 +231,13 @@ def validation_images_figure(
     score_threshold: float,
     *,
     max_images: int = 16,
+    tiling: Tiling | None = None,
 ) -> Figure:
-    """A grid of the worst validation images (lowest recall, then most false positives) first."""
+    """A grid of the worst validation images (lowest recall, then most false positives) first.
+
+    With ``tiling``, each image shows its tile grid (thin blue rectangles): which tile saw an
+    object is what explains a small one found or missed.
+    """
     if len(dataset.images) != len(ground_truths):
         raise ValueError(
             f"the dataset has {len(dataset.images)} images but the evaluation {len(ground_truths)}: "
@@ -235,6 +251,8 @@ def validation_images_figure(
         axes = figure.add_subplot(rows, columns, slot)
         record = dataset.images[index]
         _draw_image(axes, record.path)
+        if tiling is not None and tiling.grid is not None:
+            _draw_tiles(axes, record.width, record.height, tiling)
         _draw_boxes(axes, ground_truths[index].boxes, ground_truths[index].labels, None, classes, "gt")
         found = detections[index]
         shown = np.argsort(-found.scores, kind="stable")[:MAX_BOXES_DRAWN]
@@ -244,10 +262,27 @@ def validation_images_figure(
         hidden = int((found.scores >= score_threshold).sum()) - len(shown)
         axes.set_title(title + (f" ({hidden} weaker boxes not drawn)" if hidden else ""), fontsize=8)
         axes.set_axis_off()
+    grid = f", tiles {tiling.tile_grid_size} (blue)" if tiling is not None and tiling.grid else ""
     figure.suptitle(
-        f"Ground truth (green) and predictions >= {score_threshold:g} (orange), worst first", fontsize=10
+        f"Ground truth (green) and predictions >= {score_threshold:g} (orange){grid}, worst first",
+        fontsize=10,
     )
     return figure
+
+
+def _draw_tiles(axes: Axes, width: int, height: int, tiling: Tiling) -> None:
+    for tile in image_tiles(width, height, tiling):
+        axes.add_patch(
+            Rectangle(
+                (tile.left, tile.top),
+                tile.width,
+                tile.height,
+                fill=False,
+                edgecolor=TILE_COLOUR,
+                linewidth=0.8,
+                alpha=0.7,
+            )
+        )
 
 
 def _draw_image(axes: Axes, path: Path) -> None:

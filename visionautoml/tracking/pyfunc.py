@@ -31,6 +31,7 @@ from mlflow.types import ColSpec, Schema
 from visionautoml.data.images import decode_image_bytes
 from visionautoml.errors import DataError
 from visionautoml.models.predictor import Predictor, automl_boxes
+from visionautoml.models.tiling import with_tiling
 
 CODE_PATH = str(Path(__file__).resolve())
 ARTIFACT_KEY = "model"
@@ -60,7 +61,8 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
     """Loads the saved-model folder from the model's artifacts and answers in the cloud format."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.predictor = Predictor.from_directory(context.artifacts[ARTIFACT_KEY])
+        # The model's own tiling, as `predict` and `serve` run it.
+        self.predictor = with_tiling(Predictor.from_directory(context.artifacts[ARTIFACT_KEY]))
 
     def predict(
         self,

@@ -249,7 +249,7 @@ def _train_and_log(
         saved = save_model(model, ModelSpec.from_params(params, classes), Path(scratch) / "model")
         evaluation_dir = Path(scratch) / "evaluation"
         write_evaluation(evaluation_dir, evaluation)
-        _write_plots(evaluation_dir, evaluation, data.validation)
+        _write_plots(evaluation_dir, evaluation, data.validation, params)
         run.log_folder(evaluation_dir, Artifact.EVALUATION_DIR)
         model_uri = run.log_model(saved)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -392,11 +392,11 @@ def _adopt_checkpoints(checkpoint_dir: Path, run_id: str, data_tags: dict[str, s
         mirror_checkpoints(checkpoint_dir, run_id, tracking_uri=current_tracking_uri())
 
 
-def _write_plots(out_dir: Path, evaluation: Evaluation, dataset: Dataset) -> None:
+def _write_plots(out_dir: Path, evaluation: Evaluation, dataset: Dataset, tiling: TrainingParameters) -> None:
     """Diagnostic plots are a help, not the result: a failure to draw them must not fail the trial."""
     from visionautoml.reports.plots import write_trial_plots
 
     try:
-        write_trial_plots(out_dir / "plots", evaluation, dataset)
+        write_trial_plots(out_dir / "plots", evaluation, dataset, tiling=tiling)
     except Exception:
         log.warning("could not draw the trial's plots", exc_info=True)
