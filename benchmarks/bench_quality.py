@@ -16,7 +16,8 @@ validation images with the model's own pre- and post-processing in the graph). G
 sweep mAP@0.5 >= 1.13x the peer (0.85 on raccoon), the automatic mode >= 1.0x.
 
     .venv/bin/python benchmarks/bench_quality.py [--minutes 20] [--data ../shared/datasets/raccoon]
-        [--peer-python ~/.venvs/peer/bin/python] [--skip-peer] [--skip-automatic] [--output-json F]
+        [--peer-python ~/.venvs/peer/bin/python] [--skip-peer] [--skip-sweep] [--skip-automatic]
+        [--output-json F]
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def main() -> None:
         "--peer-python", type=Path, default=Path.home() / ".venvs" / "peer" / "bin" / "python"
     )
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-automatic", action="store_true")
     parser.add_argument("--skip-onnx", action="store_true")
     parser.add_argument("--output-json", type=Path)
@@ -185,10 +187,11 @@ def main() -> None:
     rows = []
     if not args.skip_peer:
         rows.append(run_peer(args, work))
-    sweep = yaml.safe_load(args.config.read_text())
-    sweep.update({"training_data": str(converted), "workspace": str(work / "ws-sweep")})
-    sweep.pop("validation_data_size", None)
-    rows.append(run_ours(f"sweep ({args.config.name})", sweep, work, args.minutes))
+    if not args.skip_sweep:
+        sweep = yaml.safe_load(args.config.read_text())
+        sweep.update({"training_data": str(converted), "workspace": str(work / "ws-sweep")})
+        sweep.pop("validation_data_size", None)
+        rows.append(run_ours(f"sweep ({args.config.name})", sweep, work, args.minutes))
     if not args.skip_automatic:
         automatic = {
             "experiment_name": "bench-quality-automatic",

@@ -112,3 +112,17 @@ def test_nine_images_with_batch_size_four_train(setup, monkeypatch, capsys):
     code, result, stderr = train(monkeypatch, capsys, str(job), "--set", "validation_data_size=0.25")
     assert code == 0, stderr
     assert result["status"] == "succeeded" and result["trials"][0]["state"] == "completed"
+
+
+def test_a_voc_folder_with_two_zero_area_boxes_trains_with_a_warning_for_each(tmp_path, monkeypatch, capsys):
+    from test_repairs import imperfect_voc
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = imperfect_voc(tmp_path / "voc")
+    code, result, stderr = train(monkeypatch, capsys, str(write_config(tmp_path, data, number_of_epochs=1)))
+    workspace._connected_uri = None
+    assert code == 0, stderr
+    assert result["status"] == "succeeded" and result["trials"][0]["state"] == "completed"
+    zero_area = [line for line in stderr.splitlines() if "zero area" in line]
+    assert len(zero_area) == 2, stderr
+    assert "img-001.xml" in stderr and "img-004.xml" in stderr  # each warning names its file

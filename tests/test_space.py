@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from visionautoml.automl import space
 from visionautoml.automl.automatic import DataProfile, automatic_plan
 from visionautoml.config import ParameterDistribution, TrainingParameters, parse_config, search_space_problems
-from visionautoml.errors import ConfigError
+from visionautoml.errors import ConfigError, VisionAutoMLError
 from visionautoml.models.zoo import check_model_names
 
 SSD, FRCNN = "ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -183,3 +183,20 @@ def test_trial_parameters_override_the_fixed_ones():
     fixed = TrainingParameters(number_of_epochs=3, learning_rate=0.01)
     params = space.trial_parameters(fixed, {"learning_rate": 0.002, "model_name": SSD})
     assert (params.number_of_epochs, params.learning_rate, params.model_name) == (3, 0.002, SSD)
+
+
+def test_the_automatic_mode_starts_from_scratch_where_no_coco_weights_can_be_had(monkeypatch, tmp_path):
+    """Offline, an empty torch cache: the plan trains from scratch and says why; settling does not fail."""
+    monkeypatch.setenv("VISIONAUTOML_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    profile = DataProfile(images=160, classes=1, boxes=180, median_relative_side=0.6, small_share=0.0)
+    models = [*ZOO_NAMES, "yolox_nano"]
+    options = {"cpus": 2, "gpus": 0, "timeout_minutes": 20, "max_trials": 4, "max_concurrent": 2}
+    chosen = automatic_plan(profile, **options, available=models, choose_start=True)
+    assert chosen.fixed["pretrained"] == "none"
+    assert any(reason.startswith("pretrained none: no COCO weights for") for reason in chosen.reasons)
+    assert "pretrained" not in automatic_plan(profile, **options, available=models).fixed
+    # The default model's COCO weights are not asked for: the automatic mode does not train it.
+    check_model_names(parse_config({"limits": {"max_trials": 4}}))
+    with pytest.raises(VisionAutoMLError, match="needs the file"):  # one trial of it does: a FetchError
+        check_model_names(parse_config({}))

@@ -204,6 +204,32 @@ def test_the_pipeline_registers_the_model_on_the_server_and_shows_the_password_n
     assert auth_server.files_containing(auth_server.password) == []
 
 
+@pytest.mark.slow
+def test_train_resolves_the_secret_reference_in_the_config_as_the_pipeline_does(
+    auth_server, tmp_path, monkeypatch, clean_credentials
+):
+    """`train` on the same config: the password comes from the `${secret:...}` reference, not its text."""
+    from conftest import TINY_TRAINING
+
+    config, env = _pipeline_against(auth_server, tmp_path, auth_server.password)
+    raw = yaml.safe_load(config.read_text())
+    raw.pop("pipeline", None)
+    raw.update(
+        training_data=str(tmp_path / "voc"), training_parameters={**TINY_TRAINING, "number_of_epochs": 1}
+    )
+    config.write_text(yaml.safe_dump(raw))
+
+    trained = cli("train", str(config), "--output-json", "trained.json", env=env, cwd=tmp_path)
+
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    result = json.loads((tmp_path / "trained.json").read_text())
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", auth_server.user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", auth_server.password)
+    assert MlflowClient(tracking_uri=auth_server.uri).get_run(result["run_id"]).info.status == "FINISHED"
+    assert auth_server.password not in trained.stdout + trained.stderr
+    assert auth_server.files_containing(auth_server.password) == []
+
+
 def test_a_wrong_password_fails_the_pipeline_at_once_naming_server_and_user_and_is_shown_nowhere(
     auth_server, tmp_path
 ):

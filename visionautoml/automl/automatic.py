@@ -26,9 +26,11 @@ from visionautoml.data.annotations import Dataset
 
 SubSpace = dict[str, ParameterDistribution]
 
-# Training images a second per CPU core at 320 px, measured on 2 cores (benchmarks/RESULTS.md,
-# bench_quality.py); other sizes scale with the pixel count. A GPU trains ~40x faster.
-CPU_IMAGES_PER_SECOND = {"yolox_nano": 9.0, "yolox_tiny": 3.5, "ssdlite320_mobilenet_v3_large": 6.5}
+# Training images a second per CPU core at 320 px, evaluations included: epochs x 160 images over the
+# trial's seconds in bench_quality.py's sweep on 2 cores, a core a trial (benchmarks/RESULTS.md,
+# 2026-12-03: nano 36 epochs in 404 s, tiny 15 in 361 s, SSDlite 24 in 467 s). Other sizes scale
+# with the pixel count. A GPU trains ~40x faster.
+CPU_IMAGES_PER_SECOND = {"yolox_nano": 14.0, "yolox_tiny": 6.5, "ssdlite320_mobilenet_v3_large": 8.0}
 GPU_SPEED_UP = 40.0
 SETUP_SECONDS = 45.0
 """A trial's data loading, evaluation and model logging, besides its epochs."""
@@ -79,12 +81,19 @@ def automatic_plan(
     max_trials: int,
     max_concurrent: int,
     available: list[str],
+    choose_start: bool = False,
 ) -> AutomaticPlan:
-    """The space and fixed settings for ``profile`` on this machine (see the module docstring)."""
+    """The space and fixed settings for ``profile`` on this machine (see the module docstring).
+
+    With ``choose_start`` (the job did not set ``pretrained``) the start is chosen too: COCO
+    weights where every chosen model has them here or can download them, else from scratch.
+    """
     reasons: list[str] = []
     models = _models(profile, gpus, available, reasons)
     image_size = _image_size(profile, reasons)
     fixed: dict[str, Any] = {"image_size": image_size, "weights_ema": True, "early_stopping": False}
+    if choose_start:
+        fixed["pretrained"] = _start(models, reasons)
     mosaic = profile.median_relative_side < 0.25
     fixed["apply_mosaic_for_yolo"] = mosaic
     why = "small enough to survive a mosaic's cuts" if mosaic else "a mosaic would cut most objects apart"
@@ -120,6 +129,24 @@ def _models(profile: DataProfile, gpus: float, available: list[str], reasons: li
             f"CPU only: the two fastest detectors here, {', '.join(models)}, so trials train enough epochs"
         )
     return [name for name in models if name in available]
+
+
+def _start(models: list[str], reasons: list[str]) -> str:
+    from visionautoml.errors import VisionAutoMLError
+    from visionautoml.models.weights import pretrained_source
+    from visionautoml.models.zoo import get_entry
+
+    for name in models:
+        try:
+            pretrained_source(get_entry(name), "coco")
+        except VisionAutoMLError:  # no such weights, or offline and not in the cache
+            reasons.append(
+                f"pretrained none: no COCO weights for {name} in the torch cache and none to download "
+                "(set training_parameters.pretrained to choose the start)"
+            )
+            return "none"
+    reasons.append("pretrained coco: every chosen model's COCO weights are here")
+    return "coco"
 
 
 def _image_size(profile: DataProfile, reasons: list[str]) -> int:

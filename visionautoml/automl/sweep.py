@@ -235,6 +235,7 @@ def _plan(
             max_trials=job.limits.max_trials,
             max_concurrent=job.limits.max_concurrent_trials,
             available=_available_models() or [],
+            choose_start="pretrained" not in job.training_parameters.model_fields_set,
         )
         subspaces = automatic.subspaces
         fixed = prepared.job.training_parameters.model_copy(update=automatic.fixed)

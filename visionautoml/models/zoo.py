@@ -293,7 +293,10 @@ def check_model_names(job: Any) -> None:
     its data was read and its runs were created.
     """
     params = job.training_parameters
-    names = {concrete_parameters(params).model_name}
+    # In the automatic mode (a sweep without search_space) the sweep chooses the models and, unless
+    # set, their start from the data and the machine: only what the job sets is checked here.
+    automatic = job.is_sweep and not job.search_space
+    names = set() if automatic else {concrete_parameters(params).model_name}
     for index, subspace in enumerate(job.search_space):
         distribution = subspace.get("model_name")
         sizes = subspace.get("model_size")
@@ -305,7 +308,7 @@ def check_model_names(job: Any) -> None:
                 get_entry(str(value), f"search_space[{index}].model_name")
                 names.add(str(value))
     _check_sizes(job, names)
-    pretrained = {params.pretrained}
+    pretrained = set() if automatic and "pretrained" not in params.model_fields_set else {params.pretrained}
     for subspace in job.search_space:
         if "pretrained" in subspace:
             pretrained |= set(subspace["pretrained"].values or [])
