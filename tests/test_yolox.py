@@ -119,7 +119,7 @@ def test_training_losses_are_finite_and_fall_when_overfitting_one_batch():
     images, targets = _images_and_targets()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     totals = []
-    for _ in range(8):
+    for _ in range(12):  # 8 were enough on one CPU and 0.7% short on another
         losses = model(images, targets)
         assert set(losses) == {"loss_box_iou", "loss_objectness", "loss_classifier"}
         assert all(loss.ndim == 0 and math.isfinite(loss.item()) for loss in losses.values())

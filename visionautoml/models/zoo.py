@@ -295,7 +295,7 @@ def check_model_names(job: Any) -> None:
     params = job.training_parameters
     # In the automatic mode (a sweep without search_space) the sweep chooses the models and, unless
     # set, their start from the data and the machine: only what the job sets is checked here.
-    automatic = job.is_sweep and not job.search_space
+    automatic = job.is_sweep and not job.search_space and "model_name" not in params.model_fields_set
     names = set() if automatic else {concrete_parameters(params).model_name}
     for index, subspace in enumerate(job.search_space):
         distribution = subspace.get("model_name")
@@ -307,7 +307,8 @@ def check_model_names(job: Any) -> None:
             else:
                 get_entry(str(value), f"search_space[{index}].model_name")
                 names.add(str(value))
-    _check_sizes(job, names)
+    if names:
+        _check_sizes(job, names)
     pretrained = set() if automatic and "pretrained" not in params.model_fields_set else {params.pretrained}
     for subspace in job.search_space:
         if "pretrained" in subspace:
