@@ -115,9 +115,8 @@ def ray_session(compute: Compute, *, on_status: Callable[[str], None] | None = N
         yield info
     finally:
         if ray.is_initialized():
-            if compute.target == "ray" and compute.min_gpus:
-                with contextlib.suppress(Exception):  # the cluster may be gone; the request with it
-                    request_gpus(0)
+            if compute.target == "ray":
+                _withdraw_gpu_request(compute)
             ray.shutdown()
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
@@ -149,9 +148,7 @@ def join_cluster(compute: Compute, *, on_status: Callable[[str], None] | None = 
             on_status=on_status,
         )
     except BaseException:
-        if compute.min_gpus:
-            with contextlib.suppress(Exception):
-                request_gpus(0)
+        _withdraw_gpu_request(compute)
         ray.shutdown()
         raise
 
@@ -202,6 +199,12 @@ def request_gpus(count: int) -> None:
     from ray.autoscaler.sdk import request_resources
 
     request_resources(bundles=[{"GPU": 1}] * count)
+
+
+def _withdraw_gpu_request(compute: Compute) -> None:
+    if compute.min_gpus:
+        with contextlib.suppress(Exception):  # the cluster may be gone, and the request with it
+            request_gpus(0)
 
 
 def trial_resources(compute: Compute, info: ClusterInfo, max_concurrent: int) -> dict[str, float]:

@@ -19,14 +19,13 @@ from typing import Any
 from rich.console import Console
 
 from visionautoml.automl.automatic import DataProfile
-from visionautoml.automl.trial_runner import DatasetSpecs
+from visionautoml.automl.trial_runner import DatasetSpecs, dataset_cache
 from visionautoml.config import JobConfig
 from visionautoml.data.formats import read_dataset
 from visionautoml.data.versions import VERSION_FILE, DatasetStore, default_store_root
 from visionautoml.errors import DataError
 from visionautoml.tracking import datasets
 from visionautoml.tracking.schema import Tag
-from visionautoml.tracking.workspace import workspace_dir
 
 ROLES = ("training", "validation")
 
@@ -146,8 +145,7 @@ def publish(prepared: PreparedData, parent_run_id: str, *, tracking_uri: str) ->
     That is a sweep on a Ray cluster with a tracking server; a laptop sweep, or one whose
     store is a file (which the nodes could only share on a common disk), copies nothing.
     """
-    job = prepared.job
-    if job.compute.target != "ray" or not datasets.served_to_every_node(tracking_uri):
+    if not datasets.copies_through_server(prepared.job):
         return prepared
     for role in ROLES:
         folder = Path(prepared.version(role).annotations).parent
@@ -171,7 +169,7 @@ def _resumed_version(
         digest,
         run_id=parent,
         role=role,
-        cache=workspace_dir(job) / "cache" / "datasets",
+        cache=dataset_cache(job),
         tracking_uri=tracking_uri,
     )
     info = json.loads((Path(annotations).parent / VERSION_FILE).read_text(encoding="utf-8"))

@@ -116,7 +116,7 @@ def run_tune_trial(
         fail(scrub(f"{type(error).__name__}: {first_line(error)}"))
         return
     if result.run_id:
-        _discard_checkpoints(result.run_id, tracking_uri)
+        _discard_checkpoints(job, result.run_id, tracking_uri)
     if str(result.status).upper() != "FINISHED" or not result.model_uri:
         reason = (result.failure_reason or "").removeprefix(f"{TrialFailed.__name__}: ")
         fail(reason or f"the trial ended with status {result.status} and no model")
@@ -146,7 +146,7 @@ def _local_data(job: JobConfig, datasets: DatasetSpecs, parent_run_id: str, trac
         return job
     from visionautoml.tracking.datasets import local_version
 
-    cache = _cache_root(job)
+    cache = dataset_cache(job)
     update = {}
     for role, field in (("training", "training_data"), ("validation", "validation_data")):
         if role in published:
@@ -161,7 +161,7 @@ def _local_data(job: JobConfig, datasets: DatasetSpecs, parent_run_id: str, trac
     return job.model_copy(update=update)
 
 
-def _cache_root(job: JobConfig) -> Path:
+def dataset_cache(job: JobConfig) -> Path:
     """Node-local: the workspace's cache where the driver's workspace path can be made, else a temp folder."""
     preferred = workspace_dir(job) / "cache" / "datasets"
     try:
@@ -173,11 +173,11 @@ def _cache_root(job: JobConfig) -> Path:
         return fallback
 
 
-def _discard_checkpoints(run_id: str, tracking_uri: str) -> None:
+def _discard_checkpoints(job: JobConfig, run_id: str, tracking_uri: str) -> None:
     """The trial ended (with a model or for good): the copies of its checkpoints are of no more use."""
-    from visionautoml.tracking.datasets import served_to_every_node
+    from visionautoml.tracking.datasets import copies_through_server
 
-    if served_to_every_node(tracking_uri):
+    if copies_through_server(job):
         from visionautoml.tracking.checkpoints import discard_checkpoints
 
         discard_checkpoints(run_id, tracking_uri=tracking_uri)

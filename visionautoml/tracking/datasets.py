@@ -20,12 +20,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from visionautoml.config import JobConfig
 from visionautoml.data.formats import read_dataset
 from visionautoml.data.sources import content_digest
 from visionautoml.data.versions import ANNOTATIONS_FILE, IMAGES_DIR, VERSION_FILE
 from visionautoml.errors import DataError
 from visionautoml.tracking.store import Store
-from visionautoml.tracking.workspace import sqlite_path
+from visionautoml.tracking.workspace import resolve_tracking_uri, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,15 @@ def served_to_every_node(tracking_uri: str) -> bool:
     if sqlite_path(tracking_uri) is not None or tracking_uri.startswith("file:"):
         return False
     return "://" in tracking_uri or tracking_uri.startswith("databricks")
+
+
+def copies_through_server(job: JobConfig) -> bool:
+    """Whether a sweep's data versions and trial checkpoints travel through the tracking server.
+
+    A sweep on a Ray cluster whose trials may run where the driver's disk is not, with a store
+    every node reaches (:func:`served_to_every_node`); everything else reads its own disk.
+    """
+    return job.compute.target == "ray" and served_to_every_node(resolve_tracking_uri(job))
 
 
 def publish_version(run_id: str, role: str, folder: Path, *, tracking_uri: str) -> str:
@@ -117,4 +127,10 @@ def _download(run_id: str, role: str, digest: str, target: Path, tracking_uri: s
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-__all__ = ["DATASET_ARTIFACTS", "local_version", "publish_version", "served_to_every_node"]
+__all__ = [
+    "DATASET_ARTIFACTS",
+    "copies_through_server",
+    "local_version",
+    "publish_version",
+    "served_to_every_node",
+]

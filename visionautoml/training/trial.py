@@ -339,10 +339,9 @@ def _trial_key(job: JobConfig, params: TrainingParameters) -> str:
 
 def _mirrored(job: JobConfig) -> bool:
     """Whether this trial's checkpoints are copied to the tracking server: a retry may run on another node."""
-    from visionautoml.tracking.datasets import served_to_every_node
-    from visionautoml.tracking.workspace import resolve_tracking_uri
+    from visionautoml.tracking.datasets import copies_through_server
 
-    return job.compute.target == "ray" and served_to_every_node(resolve_tracking_uri(job))
+    return copies_through_server(job)
 
 
 def _resumable_run(
