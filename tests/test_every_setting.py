@@ -83,7 +83,7 @@ def detector_settings(p: Any) -> tuple:
 
 
 def optimizer_settings(p: Any) -> tuple:
-    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], p)
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1, 1))], p)
     group = {key: value for key, value in optimizer.param_groups[0].items() if key != "params"}
     return type(optimizer).__name__, tuple(sorted((key, str(value)) for key, value in group.items()))
 

@@ -163,19 +163,30 @@ def test_the_automatic_mode_reads_the_data_the_machine_and_the_time():
     names = [subspace["model_name"].values[0] for subspace in cpu.subspaces]
     assert names == ["yolox_nano", "ssdlite320_mobilenet_v3_large"]
     assert cpu.fixed["image_size"] == 320 and cpu.fixed["apply_mosaic_for_yolo"] is False
-    assert cpu.fixed["max_minutes"] == 9.0  # 2 rounds of 2 trials in 20 minutes
+    # CPUs alone: each model once, side by side, for the whole time (not 2 rounds of 9 minutes).
+    assert cpu.trials == 2 and cpu.fixed["max_minutes"] == 19.0
+    assert cpu.fixed["number_of_epochs"] == 300  # the trainer plans the epochs that fit in max_minutes
     assert any("a mosaic would cut most objects apart" in reason for reason in cpu.reasons)
+    one_at_a_time = automatic_plan(
+        large, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=1, available=models
+    )
+    assert one_at_a_time.trials == 2 and one_at_a_time.fixed["max_minutes"] == 9.0
     tiny = automatic_plan(
         small, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=2, available=models
     )
     assert tiny.fixed["image_size"] == 640 and tiny.fixed["apply_mosaic_for_yolo"] is True
-    epochs = {s["model_name"].values[0]: s["number_of_epochs"].values[0] for s in tiny.subspaces}
-    at_320 = {s["model_name"].values[0]: s["number_of_epochs"].values[0] for s in cpu.subspaces}
-    assert all(epochs[name] < at_320[name] for name in epochs)  # 4x the pixels: fewer epochs in the time
     gpu = automatic_plan(
         large, cpus=8, gpus=1, timeout_minutes=60, max_trials=4, max_concurrent=1, available=models
     )
     assert [s["model_name"].values[0] for s in gpu.subspaces] == ["yolox_s", "yolox_tiny"]
+    assert gpu.trials == 4 and gpu.fixed["max_minutes"] == 14.0  # a GPU affords the variety
+    chosen = automatic_plan(
+        large, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=None, available=models
+    )
+    assert (chosen.concurrent, chosen.trials, chosen.fixed["max_minutes"]) == (2, 2, 19.0)
+    assert any("2 trial(s) at a time on 2 CPU(s)" in reason for reason in chosen.reasons)
+    trials = space.plan_search(cpu.subspaces, "random", cpu.trials, 42, each_subspace_in_turn=True).trials
+    assert [trial["model_name"] for trial in trials] == ["yolox_nano", "ssdlite320_mobilenet_v3_large"]
     assert search_space_problems(cpu.subspaces + gpu.subspaces, TrainingParameters()) == []
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from visionautoml.training.evaluate import predict_loader
 from visionautoml.training.trainer import (
     build_optimizer,
     checkpoint_paths,
+    epochs_that_fit,
     fit,
     learning_rate_factor,
     seed_everything,
@@ -73,6 +75,15 @@ def test_optimizers_take_the_cloud_service_names():
     )
     adamw = build_optimizer(parameters, make_params(optimizer="adamw", weight_decay=0.05))
     assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 0.05
+
+
+def test_weight_decay_applies_to_weights_not_to_biases_and_norm_scales():
+    layers = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    optimizer = build_optimizer(layers.parameters(), make_params(optimizer="sgd", weight_decay=0.01))
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    conv, norm = layers
+    assert decay[id(conv.weight)] == 0.01
+    assert decay[id(conv.bias)] == decay[id(norm.weight)] == decay[id(norm.bias)] == 0.0
 
 
 def test_warmup_cosine_rises_linearly_then_decays_to_the_cycles_end():
@@ -196,6 +207,40 @@ def test_caller_stop_and_time_budget_end_training_after_an_evaluation(tiny_data,
     )
     assert (result.stop_reason, result.epochs_completed, result.best_epoch) == ("time_budget", 1, 1)
     assert len(evaluated) == 1 and evaluated[0]["mean_average_precision"] == 0.3
+
+
+class SlowLoader:
+    """A real loader whose batches take ``seconds`` longer: epochs of a known, machine-independent length."""
+
+    def __init__(self, loader, seconds: float) -> None:
+        self.loader, self.seconds = loader, seconds
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            time.sleep(self.seconds)
+            yield batch
+
+
+def test_a_time_budget_replans_the_schedule_to_end_inside_it(tiny_data, tmp_path):
+    params = make_params(number_of_epochs=100, evaluation_frequency=1, max_minutes=0.1)
+    loader = SlowLoader(make_data_loader(tiny_data, params, train=True), seconds=0.5)
+    result = fit(make_model(params), loader, scripted_evaluate([0.1] * 100), params, tmp_path)
+    # About 6 s at 1-1.5 s an epoch: the schedule is re-planned to the epochs that fit, so the learning
+    # rate has annealed to (nearly) zero by the end instead of being cut off near its peak.
+    assert 2 <= result.epochs_completed < 20
+    assert result.history[-1]["lr"] < 0.05 * params.learning_rate
+    assert torch.load(checkpoint_paths(tmp_path)[1], weights_only=True)["planned_epochs"] < 20
+
+
+def test_epochs_that_fit_come_from_the_mean_epoch_time_and_never_exceed_number_of_epochs():
+    params = make_params(number_of_epochs=30)
+    in_95_seconds = time.monotonic() + 95
+    assert epochs_that_fit(params, 4, 4, 40.0, in_95_seconds) == 4 + 9  # 10 s an epoch
+    assert epochs_that_fit(params, 4, 4, 4.0, in_95_seconds) == 30  # 95 would fit
+    assert epochs_that_fit(params, 4, 4, 400.0, in_95_seconds) == 4  # not one more: end now
 
 
 def test_an_unusable_checkpoint_says_how_to_start_over(tiny_data, tmp_path):

@@ -9,9 +9,10 @@ printed and logged to the sweep's run:
   cut them apart, so it is used only when objects are small enough to survive it;
 - **images and classes**: small datasets get the light single-stage models, more epochs and
   the averaged weights; large ones on a GPU get the stronger models;
-- **the machine and the time limit**: each trial's epochs are sized to end inside its share of
-  ``timeout_minutes`` (so the cosine schedule anneals instead of being cut off), from the
-  measured throughput of each model on this kind of machine.
+- **the machine and the time limit**: on CPUs alone, as few trials as try each chosen model
+  once (from scratch, epochs buy more than variety); each trial gets its share of
+  ``timeout_minutes`` as ``max_minutes``, over which the trainer plans its schedule from the
+  measured epoch time, so the cosine anneals instead of being cut off.
 """
 
 from __future__ import annotations
@@ -26,14 +27,12 @@ from visionautoml.data.annotations import Dataset
 
 SubSpace = dict[str, ParameterDistribution]
 
-# Training images a second per CPU core at 320 px, evaluations included: epochs x 160 images over the
-# trial's seconds in bench_quality.py's sweep on 2 cores, a core a trial (benchmarks/RESULTS.md,
-# 2026-12-03: nano 36 epochs in 404 s, tiny 15 in 361 s, SSDlite 24 in 467 s). Other sizes scale
-# with the pixel count. A GPU trains ~40x faster.
-CPU_IMAGES_PER_SECOND = {"yolox_nano": 14.0, "yolox_tiny": 6.5, "ssdlite320_mobilenet_v3_large": 8.0}
-GPU_SPEED_UP = 40.0
-SETUP_SECONDS = 45.0
-"""A trial's data loading, evaluation and model logging, besides its epochs."""
+MAX_EPOCHS = 300
+"""Upper bound of a trial's epochs: its ``max_minutes`` re-plans the schedule to the epochs that fit."""
+WARMUP_EPOCHS = 3
+"""Linear warm-up of the learning rate, as YOLOX and Ultralytics start from scratch."""
+TRIAL_OVERHEAD_MINUTES = 1.0
+"""A trial's start-up, data loading, final evaluation and model logging, besides its epochs."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,10 @@ class AutomaticPlan:
     subspaces: list[SubSpace]
     fixed: dict[str, Any]
     """Training parameters set for every trial (epochs, time per trial, recipe)."""
+    trials: int
+    """How many trials to run (at most ``limits.max_trials``), one sub-space after the other."""
+    concurrent: int
+    """How many run at once: ``limits.max_concurrent_trials`` where the job sets it, else chosen."""
     reasons: list[str] = field(default_factory=list)
 
 
@@ -79,7 +82,7 @@ def automatic_plan(
     gpus: float,
     timeout_minutes: float | None,
     max_trials: int,
-    max_concurrent: int,
+    max_concurrent: int | None,
     available: list[str],
     choose_start: bool = False,
 ) -> AutomaticPlan:
@@ -87,6 +90,7 @@ def automatic_plan(
 
     With ``choose_start`` (the job did not set ``pretrained``) the start is chosen too: COCO
     weights where every chosen model has them here or can download them, else from scratch.
+    ``max_concurrent`` None (the job did not set it): chosen, a trial a core on CPUs alone.
     """
     reasons: list[str] = []
     models = _models(profile, gpus, available, reasons)
@@ -101,22 +105,54 @@ def automatic_plan(
         f"mosaic {'on' if mosaic else 'off'}: the median object is {profile.median_relative_side:.0%} of its "
         f"image's side ({why})"
     )
+    if max_concurrent is None:
+        max_concurrent = _concurrency(len(models), cpus, gpus, max_trials, reasons)
+    trials = _trials(len(models), gpus, max_trials, max_concurrent, reasons)
+    fixed["number_of_epochs"] = MAX_EPOCHS
     if timeout_minutes:
-        rounds = math.ceil(max_trials / max(1, max_concurrent))
-        minutes = max(1.0, timeout_minutes / rounds - 1.0)
-        cores = max(1.0, cpus / max(1, max_concurrent))
+        rounds = math.ceil(trials / max(1, max_concurrent))
+        minutes = max(1.0, timeout_minutes / rounds - TRIAL_OVERHEAD_MINUTES)
         fixed["max_minutes"] = round(minutes, 1)
-        epochs = {name: _epochs(name, profile, image_size, minutes, cores, gpus > 0) for name in models}
         reasons.append(
-            f"{rounds} round(s) of {max_concurrent} trial(s) in {timeout_minutes:g} min: {minutes:.1f} min "
-            f"and {cores:g} core(s) a trial; epochs sized to end inside it: "
-            + ", ".join(f"{name} {count}" for name, count in epochs.items())
+            f"{rounds} round(s) of {min(trials, max_concurrent)} trial(s) in {timeout_minutes:g} min: "
+            f"{minutes:.1f} min a trial, its schedule planned over the epochs that fit (at most {MAX_EPOCHS})"
         )
     else:
-        epochs = dict.fromkeys(models, 60)
+        fixed["number_of_epochs"] = 60
         reasons.append("no timeout_minutes: 60 epochs a trial")
-    subspaces = [_subspace(name, epochs[name], profile) for name in models]
-    return AutomaticPlan(subspaces, fixed, reasons)
+    subspaces = [_subspace(name, profile) for name in models]
+    return AutomaticPlan(subspaces, fixed, trials, max_concurrent, reasons)
+
+
+def _concurrency(models: int, cpus: float, gpus: float, max_trials: int, reasons: list[str]) -> int:
+    """A trial per GPU; on CPUs alone a trial per core up to one per model, since one process per
+    core trains small models faster in all than one process using every core."""
+    if gpus > 0:
+        return 1
+    concurrent = max(1, min(models, int(cpus), max_trials))
+    reasons.append(
+        f"{concurrent} trial(s) at a time on {cpus:g} CPU(s) (limits.max_concurrent_trials not set): "
+        "a process a core trains small models faster in all than one process on every core"
+    )
+    return concurrent
+
+
+def _trials(models: int, gpus: float, max_trials: int, max_concurrent: int, reasons: list[str]) -> int:
+    """On a GPU, ``max_trials``; on CPUs alone, as few rounds as try every chosen model once.
+
+    From scratch on a CPU a trial's quality is bought with epochs: four 4-minute trials
+    end before any of them has learnt much, where two of 9 minutes have.
+    """
+    if gpus > 0 or models == 0:
+        return max_trials
+    rounds = math.ceil(models / max(1, max_concurrent))
+    trials = min(max_trials, rounds * max_concurrent)
+    if trials < max_trials:
+        reasons.append(
+            f"{trials} of limits.max_trials={max_trials} trials: on CPUs alone epochs matter more than "
+            "variety, so each chosen model is tried once, with the time of the trials not run"
+        )
+    return trials
 
 
 def _models(profile: DataProfile, gpus: float, available: list[str], reasons: list[str]) -> list[str]:
@@ -163,29 +199,20 @@ def _image_size(profile: DataProfile, reasons: list[str]) -> int:
     return size
 
 
-def _epochs(name: str, profile: DataProfile, size: int, minutes: float, cores: float, gpu: bool) -> int:
-    rate = CPU_IMAGES_PER_SECOND.get(name, 3.0) * cores * (320 / size) ** 2 * (GPU_SPEED_UP if gpu else 1.0)
-    seconds = max(60.0, minutes * 60 - SETUP_SECONDS)
-    return int(max(5, min(300, seconds * rate * 0.8 / max(1, profile.images))))
-
-
-def _subspace(name: str, epochs: int, profile: DataProfile) -> SubSpace:
+def _subspace(name: str, profile: DataProfile) -> SubSpace:
     if name.startswith("yolox"):
-        # YOLOX's own recipe: SGD with nesterov momentum, lr 0.01 for 64 images, weight decay 5e-4.
+        # AdamW, as Ultralytics trains short runs from scratch (lr 0.002), weight decay 5e-4 as YOLOX:
+        # 0.18 against SGD's 0.11 (lr 0.004) for yolox_nano on raccoon in 7 minutes, side by side.
         return {
             "model_name": ParameterDistribution(type="choice", values=[name]),
-            "number_of_epochs": ParameterDistribution(type="choice", values=[epochs]),
-            "optimizer": ParameterDistribution(type="choice", values=["sgd"]),
+            "optimizer": ParameterDistribution(type="choice", values=["adamw"]),
             "training_batch_size": ParameterDistribution(type="choice", values=[16]),
-            "learning_rate": ParameterDistribution(type="loguniform", min_value=0.0015, max_value=0.006),
+            "learning_rate": ParameterDistribution(type="loguniform", min_value=0.0015, max_value=0.003),
             "weight_decay": ParameterDistribution(type="choice", values=[0.0005]),
-            "warmup_cosine_lr_warmup_epochs": ParameterDistribution(
-                type="choice", values=[max(1, epochs // 20)]
-            ),
+            "warmup_cosine_lr_warmup_epochs": ParameterDistribution(type="choice", values=[WARMUP_EPOCHS]),
         }
     return {
         "model_name": ParameterDistribution(type="choice", values=[name]),
-        "number_of_epochs": ParameterDistribution(type="choice", values=[epochs]),
         "optimizer": ParameterDistribution(type="choice", values=["adamw"]),
         "training_batch_size": ParameterDistribution(
             type="choice", values=[4 if profile.images < 500 else 8]

@@ -60,17 +60,28 @@ def searched_names(subspaces: list[SubSpace]) -> list[str]:
     return list(names)
 
 
-def plan_search(subspaces: list[SubSpace], algorithm: str, max_trials: int, seed: int) -> SearchPlan:
+def plan_search(
+    subspaces: list[SubSpace],
+    algorithm: str,
+    max_trials: int,
+    seed: int,
+    *,
+    each_subspace_in_turn: bool = False,
+) -> SearchPlan:
     """Turn sub-spaces into the trials grid/random will run (bayesian asks Optuna as it goes).
 
     The sub-spaces were checked when the config loaded (:func:`~visionautoml.config.search_space_problems`).
+    ``each_subspace_in_turn``: random sampling takes the sub-spaces in turn instead of drawing one
+    (the automatic mode's sub-spaces are its models, each to be tried).
     """
     if not subspaces:
         raise ConfigError("search_space is empty: give at least one sub-space, or remove it")
     if algorithm == "grid":
         return _plan_grid(subspaces, max_trials)
     if algorithm == "random":
-        return SearchPlan("random", subspaces, sample_random(subspaces, max_trials, seed))
+        return SearchPlan(
+            "random", subspaces, sample_random(subspaces, max_trials, seed, in_turn=each_subspace_in_turn)
+        )
     if algorithm == "bayesian":
         _check_bayesian(subspaces)
         return SearchPlan("bayesian", subspaces)
@@ -104,14 +115,17 @@ def _plan_grid(subspaces: list[SubSpace], max_trials: int) -> SearchPlan:
     return SearchPlan("grid", subspaces, combinations[:max_trials], notes)
 
 
-def sample_random(subspaces: list[SubSpace], count: int, seed: int) -> list[dict[str, Any]]:
-    """``count`` trials: a sub-space drawn uniformly, then each of its parameters from Tune's samplers."""
+def sample_random(
+    subspaces: list[SubSpace], count: int, seed: int, *, in_turn: bool = False
+) -> list[dict[str, Any]]:
+    """``count`` trials: a sub-space drawn uniformly (or each ``in_turn``), then each of its parameters
+    from Tune's samplers."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     trials = []
-    for _ in range(count):
-        subspace = subspaces[int(rng.integers(len(subspaces)))]
+    for index in range(count):
+        subspace = subspaces[index % len(subspaces) if in_turn else int(rng.integers(len(subspaces)))]
         trials.append(_typed({name: _sample(distribution, rng) for name, distribution in subspace.items()}))
     return trials
 

@@ -96,6 +96,9 @@ def run_sweep(
     ) as cluster:
         console.print(f"Ray: {cluster.describe()}")
         plan, automatic = _plan(job, prepared, cluster, console)
+        if automatic is not None:
+            limits = job.limits.model_copy(update={"max_concurrent_trials": automatic.concurrent})
+            job = job.model_copy(update={"limits": limits})
         storage = state.get("storage") or _new_storage(job, state_file, fingerprint)
         parent_run_id = state.get("parent_run_id") or runs.start_parent_run(
             job, experiment_id, fingerprint, prepared.tags(), plan, automatic is not None, storage=storage
@@ -233,7 +236,11 @@ def _plan(
             gpus=job.compute.gpus_per_trial or cluster.gpus,
             timeout_minutes=job.limits.timeout_minutes,
             max_trials=job.limits.max_trials,
-            max_concurrent=job.limits.max_concurrent_trials,
+            max_concurrent=(
+                job.limits.max_concurrent_trials
+                if "max_concurrent_trials" in job.limits.model_fields_set
+                else None
+            ),
             available=_available_models() or [],
             choose_start="pretrained" not in job.training_parameters.model_fields_set,
         )
@@ -246,7 +253,11 @@ def _plan(
         for reason in automatic.reasons:
             console.print(f"  - {reason}", soft_wrap=True, highlight=False)
     plan = space.plan_search(
-        subspaces, job.sweep.sampling_algorithm, job.limits.max_trials, job.training_parameters.seed
+        subspaces,
+        job.sweep.sampling_algorithm,
+        automatic.trials if automatic else job.limits.max_trials,
+        job.training_parameters.seed,
+        each_subspace_in_turn=automatic is not None,
     )
     for note in plan.notes:
         console.print(f"[yellow]note:[/yellow] {note}")

@@ -159,7 +159,13 @@ class TrainingParameters(Thresholds, Tiling):
 
     seed: int = 42
     max_minutes: Annotated[float, Field(gt=0)] | None = Field(
-        None, description="Stop training after this wall time (the last evaluation still runs)."
+        None,
+        description=(
+            "Wall-time budget of the training: where number_of_epochs does not fit, the run is re-planned "
+            "after every epoch to end in time (learning-rate schedule, augmentation tail and weight average "
+            "over the epochs that fit), and stopped at the limit in any case (the last evaluation still "
+            "runs)."
+        ),
     )
 
     @field_validator("model_name")

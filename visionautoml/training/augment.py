@@ -35,11 +35,13 @@ def mosaic_enabled(params: TrainingParameters, family: str) -> bool:
     return params.apply_mosaic_for_yolo
 
 
-def plain_epochs(params: TrainingParameters) -> int:
-    """Epochs at the end trained without mosaic and mixup: ``no_augmentation_epochs``, else a tenth."""
+def plain_epochs(params: TrainingParameters, epochs: int | None = None) -> int:
+    """Epochs at the end of a run of ``epochs`` (default ``number_of_epochs``) trained without mosaic and
+    mixup: ``no_augmentation_epochs``, else a tenth."""
+    epochs = params.number_of_epochs if epochs is None else epochs
     if params.no_augmentation_epochs is not None:
-        return min(params.no_augmentation_epochs, params.number_of_epochs)
-    return max(1, round(params.number_of_epochs / 10)) if params.number_of_epochs > 2 else 0
+        return min(params.no_augmentation_epochs, epochs)
+    return max(1, round(epochs / 10)) if epochs > 2 else 0
 
 
 class MosaicDataset(TorchDataset):
@@ -147,10 +149,15 @@ class PhasedLoader:
     their own copy of the dataset, never need to be told.
     """
 
-    def __init__(self, augmented: DataLoader, plain: DataLoader, plain_from_epoch: int) -> None:
+    def __init__(self, augmented: DataLoader, plain: DataLoader, params: TrainingParameters) -> None:
         self.augmented, self.plain = augmented, plain
-        self.plain_from_epoch = plain_from_epoch
+        self.params = params
+        self.plain_from_epoch = params.number_of_epochs - plain_epochs(params) + 1
         self.active = augmented
+
+    def set_total_epochs(self, epochs: int) -> None:
+        """The run was re-planned to ``epochs`` (to fit ``max_minutes``): the plain tail moves with it."""
+        self.plain_from_epoch = epochs - plain_epochs(self.params, epochs) + 1
 
     def set_epoch(self, epoch: int) -> None:
         self.active = self.plain if epoch >= self.plain_from_epoch else self.augmented

@@ -31,7 +31,7 @@ from visionautoml.data.annotations import Dataset, ImageRecord
 from visionautoml.data.images import decode_image_file
 from visionautoml.errors import DataError
 from visionautoml.models.zoo import InputSize, get_entry
-from visionautoml.training.augment import MosaicDataset, PhasedLoader, mosaic_enabled, plain_epochs
+from visionautoml.training.augment import MosaicDataset, PhasedLoader, mosaic_enabled
 from visionautoml.training.tiles import TiledSamples
 
 CACHE_BYTES = 1 << 30
@@ -252,8 +252,7 @@ def make_data_loader(
         mosaic = MosaicDataset(
             samples, size.image_size or size.min_size or 640, mixup=params.mixup_probability
         )
-        first_plain = params.number_of_epochs - plain_epochs(params) + 1
-        return PhasedLoader(_loader(mosaic, params, train), _loader(samples, params, train), first_plain)
+        return PhasedLoader(_loader(mosaic, params, train), _loader(samples, params, train), params)
     return _loader(samples, params, train)
 
 

@@ -46,8 +46,15 @@ class ModelEMA:
         thousands of steps; a run of a few hundred would then end holding mostly its first
         weights. The horizon and the ramp scale with the run instead, capped at YOLOX's.
         """
+        average = cls(model)
+        average.set_horizon(total_steps)
+        return average
+
+    def set_horizon(self, total_steps: int) -> None:
+        """Scale decay and ramp to a run of ``total_steps`` (again when a time budget re-plans the run)."""
         total = max(1, total_steps)
-        return cls(model, decay=min(0.9998, 1.0 - 10.0 / total), ramp_steps=min(2000.0, max(1.0, total / 20)))
+        self.decay = min(0.9998, 1.0 - 10.0 / total)
+        self.ramp_steps = min(2000.0, max(1.0, total / 20))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -32,6 +32,7 @@ from visionautoml.files import atomic_path
 from visionautoml.progress import progress_bar
 from visionautoml.tracking.schema import PRIMARY_METRIC
 from visionautoml.training.ema import ModelEMA, ema_enabled
+from visionautoml.training.norms import recalibrate_batch_norm, trainable_norms
 
 CHECKPOINT_FORMAT = 1
 
@@ -63,6 +64,8 @@ class _State:
     best_metrics: dict[str, Any] = field(default_factory=dict)
     evaluations_without_improvement: int = 0
     stop_reason: str | None = None
+    planned_epochs: int = 0
+    """Epochs the schedule runs over: ``number_of_epochs``, or fewer where ``max_minutes`` fits fewer."""
 
 
 def default_device() -> torch.device:
@@ -83,7 +86,16 @@ def checkpoint_paths(directory: Path) -> tuple[Path, Path]:
 def build_optimizer(
     parameters: Iterable[torch.nn.Parameter], params: TrainingParameters
 ) -> torch.optim.Optimizer:
+    """The optimizer ``params`` names; ``weight_decay`` applies to weights, not to biases and norm scales.
+
+    Decaying a bias or a batch-norm scale towards zero only fights the normalisation (YOLOX,
+    Ultralytics and torchvision's references all exempt them); one-dimensional tensors are those.
+    """
     parameters = list(parameters)
+    decayed = [parameter for parameter in parameters if parameter.ndim > 1]
+    exempt = [parameter for parameter in parameters if parameter.ndim <= 1]
+    groups = [{"params": decayed}] * bool(decayed) + [{"params": exempt, "weight_decay": 0.0}] * bool(exempt)
+    parameters = groups  # type: ignore[assignment]
     if params.optimizer == "sgd":
         return torch.optim.SGD(
             parameters,
@@ -102,14 +114,17 @@ def build_optimizer(
     )
 
 
-def learning_rate_factor(params: TrainingParameters, steps_per_epoch: int) -> Callable[[int], float]:
+def learning_rate_factor(
+    params: TrainingParameters, steps_per_epoch: int, epochs: int | None = None
+) -> Callable[[int], float]:
     """The multiplier of ``learning_rate`` after ``step`` optimizer steps, as the cloud service schedules it.
 
     ``warmup_cosine``: linear warm-up over ``warmup_cosine_lr_warmup_epochs``, then a cosine of
     ``warmup_cosine_lr_cycles`` cycles over the remaining steps (0.45 ends near zero without
-    rising again). ``step``: multiply by ``step_lr_gamma`` every ``step_lr_step_size`` epochs.
+    rising again) of a run of ``epochs`` (default ``number_of_epochs``). ``step``: multiply by
+    ``step_lr_gamma`` every ``step_lr_step_size`` epochs.
     """
-    total = max(1, params.number_of_epochs * steps_per_epoch)
+    total = max(1, (params.number_of_epochs if epochs is None else epochs) * steps_per_epoch)
     if params.learning_rate_scheduler == "step":
         step_size = params.step_lr_step_size * steps_per_epoch
         return lambda step: params.step_lr_gamma ** (step // step_size)
@@ -158,6 +173,7 @@ def fit(
     total_steps = steps_per_epoch * params.number_of_epochs
     ema = ModelEMA.for_steps(model, total_steps) if ema_enabled(params) else None
     evaluated = ema.module if ema is not None else model
+    norms = trainable_norms(model)
 
     best_path, last_path = checkpoint_paths(checkpoint_dir)
     state = _State()
@@ -168,10 +184,14 @@ def fit(
         if console:
             console.print(f"resuming from epoch {state.epoch} of an interrupted run ({last_path})")
 
-    deadline = time.monotonic() + params.max_minutes * 60 if params.max_minutes else None
+    state.planned_epochs = state.planned_epochs or params.number_of_epochs
+    run_started = time.monotonic()
+    deadline = run_started + params.max_minutes * 60 if params.max_minutes else None
     history: list[dict[str, Any]] = []
     epoch = state.epoch
-    while state.stop_reason is None and epoch < params.number_of_epochs:
+    if state.planned_epochs != params.number_of_epochs:
+        _apply_plan(state.planned_epochs, params, steps_per_epoch, scheduler, train_loader, ema)
+    while state.stop_reason is None and epoch < state.planned_epochs:
         epoch += 1
         # Seeding per epoch makes an epoch's shuffling and augmentation independent of how the
         # run got there, so a resumed run continues like an uninterrupted one (exactly so when
@@ -184,14 +204,39 @@ def fit(
             generator.manual_seed(params.seed + epoch)
         started = time.monotonic()
         losses, out_of_time = _train_one_epoch(
-            model, train_loader, optimizer, scheduler, scaler, params, epoch, device, deadline, console, ema
+            model,
+            train_loader,
+            optimizer,
+            scheduler,
+            scaler,
+            params,
+            epoch,
+            state.planned_epochs,
+            device,
+            deadline,
+            console,
+            ema,
         )
         record: dict[str, Any] = {**losses, "lr": optimizer.param_groups[0]["lr"]}
         if on_epoch:
             on_epoch(epoch, dict(record))
+        if deadline is not None and not out_of_time:
+            planned = epochs_that_fit(
+                params, epoch, epoch - (resumed_from or 0), time.monotonic() - run_started, deadline
+            )
+            if planned != state.planned_epochs:
+                if console and state.planned_epochs == params.number_of_epochs:  # the first re-plan
+                    console.print(
+                        f"max_minutes {params.max_minutes:g}: the schedule (learning rate, augmentation "
+                        f"tail, weight average) now ends at epoch {planned} of {params.number_of_epochs}, "
+                        "what fits in the time left at the speed so far"
+                    )
+                state.planned_epochs = planned
+                _apply_plan(planned, params, steps_per_epoch, scheduler, train_loader, ema)
 
-        final = out_of_time or epoch == params.number_of_epochs
+        final = out_of_time or epoch >= state.planned_epochs
         if epoch % params.evaluation_frequency == 0 or final:
+            recalibrate_batch_norm(evaluated, norms, train_loader, device, params.training_batch_size)
             metrics = evaluate(evaluated)
             record.update(metrics)
             improved = metrics[PRIMARY_METRIC] > state.best_metric
@@ -220,7 +265,7 @@ def fit(
         state.epoch = epoch
 
         frequency = params.checkpoint_frequency or 1
-        if epoch % frequency == 0 or state.stop_reason or epoch == params.number_of_epochs:
+        if epoch % frequency == 0 or state.stop_reason or epoch >= state.planned_epochs:
             _save_checkpoint(last_path, model, optimizer, scheduler, scaler, state, ema)
 
     if best_path.is_file() and (state.best_epoch != epoch or ema is not None):
@@ -235,6 +280,38 @@ def fit(
     )
 
 
+def epochs_that_fit(
+    params: TrainingParameters, epoch: int, epochs_this_run: int, seconds_this_run: float, deadline: float
+) -> int:
+    """Epochs the run can end at within ``max_minutes``, from the mean epoch time so far (evaluations in).
+
+    As Ultralytics' ``time`` budget does, a run whose ``number_of_epochs`` does not fit is
+    re-planned after every epoch to end on time, rather than cut off at a high learning rate
+    with mosaic still on; it never plans more than ``number_of_epochs``. A tenth of an epoch's
+    time is kept back for the final evaluation.
+    """
+    per_epoch = seconds_this_run / max(1, epochs_this_run)
+    left = deadline - time.monotonic()
+    fits = epoch + max(0, math.floor(left / per_epoch - 0.1))
+    return max(epoch, min(params.number_of_epochs, fits))
+
+
+def _apply_plan(
+    epochs: int,
+    params: TrainingParameters,
+    steps_per_epoch: int,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    train_loader: Iterable[Batch],
+    ema: ModelEMA | None,
+) -> None:
+    """Stretch what depends on the run's length over ``epochs``: the schedule, the plain tail, the average."""
+    scheduler.lr_lambdas = [learning_rate_factor(params, steps_per_epoch, epochs)] * len(scheduler.lr_lambdas)
+    if hasattr(train_loader, "set_total_epochs"):
+        train_loader.set_total_epochs(epochs)
+    if ema is not None:
+        ema.set_horizon(epochs * steps_per_epoch)
+
+
 def _train_one_epoch(
     model: torch.nn.Module,
     loader: Iterable[Batch],
@@ -243,6 +320,7 @@ def _train_one_epoch(
     scaler: torch.amp.GradScaler,
     params: TrainingParameters,
     epoch: int,
+    planned_epochs: int,
     device: torch.device,
     deadline: float | None,
     console: Console | None,
@@ -257,7 +335,7 @@ def _train_one_epoch(
     out_of_time = False
     optimizer.zero_grad(set_to_none=True)
     with _progress(console) as progress:
-        task = progress.add_task(f"epoch {epoch}/{params.number_of_epochs}", total=iterations, loss="")
+        task = progress.add_task(f"epoch {epoch}/{planned_epochs}", total=iterations, loss="")
         for iteration, (images, targets) in enumerate(loader, start=1):
             images = [image.to(device, non_blocking=True) for image in images]
             targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
@@ -306,7 +384,7 @@ def _summary_line(
         if key in record
     )
     return (
-        f"epoch {epoch}/{params.number_of_epochs}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+        f"epoch {epoch}/{state.planned_epochs}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
         f"{PRIMARY_METRIC} ({params.validation_metric_type}) {record[PRIMARY_METRIC]:.4f}  {shown}  "
         f"best {state.best_metric:.4f} @ {state.best_epoch}  {seconds:.1f}s"
     )
@@ -341,6 +419,7 @@ def _save_checkpoint(
         "best_metrics": state.best_metrics,
         "evaluations_without_improvement": state.evaluations_without_improvement,
         "stop_reason": state.stop_reason,
+        "planned_epochs": state.planned_epochs,
     }
     with atomic_path(path) as temporary:
         torch.save(checkpoint, temporary)
@@ -377,4 +456,5 @@ def _load_checkpoint(
         best_metrics=dict(checkpoint["best_metrics"]),
         evaluations_without_improvement=int(checkpoint["evaluations_without_improvement"]),
         stop_reason=checkpoint["stop_reason"],
+        planned_epochs=int(checkpoint.get("planned_epochs", 0)),
     )
