@@ -11,12 +11,13 @@ and the same wall-clock budget, all from scratch:
 3. the automatic mode: the same data and ``limits`` and nothing else.
 
 It prints mAP@0.5 and mAP@[.5:.95] of each with the ratio against the peer, and the ONNX Runtime
-milliseconds per image of yolox_nano, yolox_tiny and ssdlite (exported untrained, scored on the
-validation images with the model's own pre- and post-processing in the graph). Goal: best of
-sweep mAP@0.5 >= 1.13x the peer (0.85 on raccoon), the automatic mode >= 1.0x.
+milliseconds per image of the sweep's trained models (yolox_nano, yolox_tiny and ssdlite, exported
+with the parity check, timed on the validation images with the model's own pre- and post-processing
+in the graph). Goal: best of sweep mAP@0.5 >= 1.13x the peer (0.85 on raccoon), the automatic mode >= 1.0x.
 
     .venv/bin/python benchmarks/bench_quality.py [--minutes 20] [--data ../shared/datasets/raccoon]
-        [--peer-python ~/.venvs/peer/bin/python] [--skip-peer] [--skip-sweep] [--skip-automatic]
+        [--peer-python ~/.venvs/peer/bin/python] [--peer-threads N] [--skip-peer] [--skip-sweep]
+        [--skip-automatic]
         [--output-json F]
 """
 
@@ -42,11 +43,23 @@ MACHINE = "2-core x86_64 CPU, 24 GiB, no GPU"
 VISIONAUTOML = Path(sys.executable).parent / "visionautoml"
 
 
+PEER_WITH_THREADS = """
+import runpy, sys
+import ultralytics.utils.torch_utils as torch_utils
+torch_utils.NUM_THREADS = int(sys.argv.pop(1))
+sys.argv[0] = sys.argv[1]
+runpy.run_path(sys.argv.pop(1), run_name="__main__")
+"""
+"""Runs the peer script with Ultralytics' CPU thread count replaced (it trains on ``cpu_count - 1``)."""
+
+
 def run_peer(args: argparse.Namespace, work: Path) -> dict:
     started = time.time()
+    wrapper = ["-c", PEER_WITH_THREADS, str(args.peer_threads)] if args.peer_threads else []
     done = subprocess.run(
         [
             str(args.peer_python),
+            *wrapper,
             str(PEER_SCRIPT),
             str(args.data),
             str(work / "peer"),
@@ -65,8 +78,14 @@ def run_peer(args: argparse.Namespace, work: Path) -> dict:
         "map50": result["map50"],
         "map": result["map50_95"],
         "wall_s": round(time.time() - started, 1),
-        "detail": f"{result.get('train_wall_s')} s training",
+        "detail": f"{result.get('train_wall_s')} s training, {_peer_epochs(work)} epochs, "
+        f"{args.peer_threads or 'Ultralytics default'} thread(s)",
     }
+
+
+def _peer_epochs(work: Path) -> int | str:
+    results = work / "peer" / "runs" / "peer" / "results.csv"
+    return len(results.read_text().splitlines()) - 1 if results.is_file() else "?"
 
 
 def run_ours(name: str, config: dict, work: Path, minutes: float) -> dict:
@@ -105,45 +124,63 @@ def run_ours(name: str, config: dict, work: Path, minutes: float) -> dict:
     }
 
 
-def onnx_speeds(data: Path, work: Path) -> list[dict]:
-    """ms/image of freshly built models through the export and ONNX Runtime, on the validation images."""
+def onnx_speeds(data: Path, work: Path, sweep_dir: Path) -> list[dict]:
+    """ms/image of the sweep's trained models (one per model name) through the export and ONNX Runtime.
+
+    Each is exported with the parity check on validation photos (the model's own pre- and
+    post-processing in the graph) and timed one image at a time on 20 validation images.
+    """
     import numpy as np
     import torch
 
-    from visionautoml.config import TrainingParameters
     from visionautoml.data.formats import read_dataset
     from visionautoml.data.images import decode_image_file
     from visionautoml.deploy.export import export_saved_model
     from visionautoml.deploy.runtime import ExportSettings, OnnxPredictor
-    from visionautoml.models.saved import ModelSpec
-    from visionautoml.models.zoo import build_model
+    from visionautoml.models.saved import load_model
+    from visionautoml.tracking.models import resolve_model
 
+    outcomes = sorted(sweep_dir.glob("sweep (*).json"))
+    if not outcomes:
+        print(
+            f"note: no sweep outcome in {sweep_dir}: the ONNX timings need the sweep's models",
+            file=sys.stderr,
+        )
+        return []
+    tracking_uri = f"sqlite:///{sweep_dir / 'ws-sweep' / 'mlflow.db'}"
     torch.set_num_threads(2)
     images = [decode_image_file(record.path) for record in read_dataset(data).sorted().images[::5][:20]]
     rows = []
-    for name, size in (("yolox_nano", 320), ("yolox_tiny", 320), ("ssdlite320_mobilenet_v3_large", 320)):
-        params = TrainingParameters(
-            model_name=name, pretrained="none", image_size=size, box_score_threshold=0.01
+    for trial in json.loads(outcomes[0].read_text())["trials"]:
+        name = trial.get("params", {}).get("model_name")
+        if not trial.get("run_id") or not name:
+            continue
+        folder = resolve_model(
+            f"runs:/{trial['run_id']}/model", tracking_uri=tracking_uri, dst=work / "models" / name
         )
-        torch.manual_seed(0)
-        model = build_model(name, 2, params).eval()
-        spec = ModelSpec.from_params(params, ["raccoon"])
-        folder = work / "onnx" / name
+        model, spec = load_model(folder)
+        out = work / "onnx" / name
         try:
             export_saved_model(
-                model, ExportSettings.from_spec(spec), folder, images[:4], sample_source="validation"
+                model, ExportSettings.from_spec(spec), out, images[:4], sample_source="validation"
             )
-        except Exception as error:  # an untrained head may give no detection to compare: time it anyway
+        except Exception as error:  # report it and time the others
             print(f"note: {name}: {error}", file=sys.stderr)
             continue
-        predictor = OnnxPredictor(folder, intra_op_threads=2)
+        predictor = OnnxPredictor(out, intra_op_threads=2)
         predictor.predict(images[:2])
         timings = []
         for image in images:
             started = time.perf_counter()
             predictor.predict([image])
             timings.append((time.perf_counter() - started) * 1000)
-        rows.append({"model": name, "image_size": size, "ms_per_image": round(float(np.median(timings)), 1)})
+        rows.append(
+            {
+                "model": name,
+                "image_size": spec.image_size,
+                "ms_per_image": round(float(np.median(timings)), 1),
+            }
+        )
     return rows
 
 
@@ -157,10 +194,20 @@ def main() -> None:
     parser.add_argument(
         "--peer-python", type=Path, default=Path.home() / ".venvs" / "peer" / "bin" / "python"
     )
+    parser.add_argument(
+        "--peer-threads",
+        type=int,
+        help="torch threads of the peer (default: Ultralytics' own, cpu_count - 1 on a CPU: 1 on 2 cores)",
+    )
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-automatic", action="store_true")
     parser.add_argument("--skip-onnx", action="store_true")
+    parser.add_argument(
+        "--sweep-dir",
+        type=Path,
+        help="an earlier run's work folder whose sweep models to time (with --skip-sweep)",
+    )
     parser.add_argument("--output-json", type=Path)
     args = parser.parse_args()
     if not args.data.is_dir():
@@ -214,7 +261,7 @@ def main() -> None:
             f"| {row['name']} | {row['map50']:.4f} | {row['map']:.4f} | {ratio} | {row['wall_s']} "
             f"| {row['detail']} |"
         )
-    speeds = [] if args.skip_onnx else onnx_speeds(args.data, work)
+    speeds = [] if args.skip_onnx else onnx_speeds(args.data, work, args.sweep_dir or work)
     if speeds:
         base = next((row["ms_per_image"] for row in speeds if row["model"].startswith("ssdlite")), None)
         print("\n| ONNX Runtime, 2 threads | image_size | ms/image | vs ssdlite |")
