@@ -337,11 +337,13 @@ def test_an_automatic_sweep_where_no_trial_succeeds_registers_nothing_and_fails(
     assert "image_size 64" not in printed and "mosaic" in printed  # the reasons are printed
     report = json.loads(out.read_text())
     assert report["registered_model"] is None and report["status"] == "failed"
+    # A tiny dataset on a CPU: the two fastest models, each tried once, with their own recipes (the
+    # epochs are fixed for all trials: the time budget plans them).
+    names = sorted(trial["params"]["model_name"] for trial in report["trials"])
+    assert names == ["ssdlite320_mobilenet_v3_large", "yolox_nano"]
     for trial in report["trials"]:
         assert trial["state"] == "failed"
-        # A tiny dataset on a CPU: the two fastest models, with their own recipes.
-        assert trial["params"]["model_name"] in ("yolox_nano", "ssdlite320_mobilenet_v3_large")
-        assert {"number_of_epochs", "learning_rate", "optimizer"} <= set(trial["params"])
+        assert {"learning_rate", "optimizer"} <= set(trial["params"])
 
 
 def test_waiting_for_more_nodes_than_the_cluster_has_times_out_clearly(local_ray):
