@@ -14,6 +14,7 @@ from visionautoml.data.formats import read_dataset
 from visionautoml.errors import TrainingError
 from visionautoml.evaluation.scoring import evaluate_predictions
 from visionautoml.models.zoo import build_model
+from visionautoml.training import trainer
 from visionautoml.training.dataset import make_data_loader
 from visionautoml.training.evaluate import predict_loader
 from visionautoml.training.trainer import (
@@ -209,30 +210,43 @@ def test_caller_stop_and_time_budget_end_training_after_an_evaluation(tiny_data,
     assert len(evaluated) == 1 and evaluated[0]["mean_average_precision"] == 0.3
 
 
-class SlowLoader:
-    """A real loader whose batches take ``seconds`` longer: epochs of a known, machine-independent length."""
+class FakeClock:
+    """The trainer's clock, moved on by the loader: epochs of an exact length on any machine."""
 
-    def __init__(self, loader, seconds: float) -> None:
-        self.loader, self.seconds = loader, seconds
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class SlowLoader:
+    """A real loader whose batches each take ``seconds`` of the fake clock."""
+
+    def __init__(self, loader, clock: FakeClock, seconds: float) -> None:
+        self.loader, self.clock, self.seconds = loader, clock, seconds
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
         for batch in self.loader:
-            time.sleep(self.seconds)
+            self.clock.now += self.seconds
             yield batch
 
 
-def test_a_time_budget_replans_the_schedule_to_end_inside_it(tiny_data, tmp_path):
+def test_a_time_budget_replans_the_schedule_to_end_inside_it(tiny_data, tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(trainer, "time", clock)
     params = make_params(number_of_epochs=100, evaluation_frequency=1, max_minutes=0.1)
-    loader = SlowLoader(make_data_loader(tiny_data, params, train=True), seconds=0.5)
+    loader = SlowLoader(make_data_loader(tiny_data, params, train=True), clock, seconds=0.5)
+    assert len(loader) == 2  # 2 s an epoch (1 s of training, 1 s recomputing batch norms) in 6 s
     result = fit(make_model(params), loader, scripted_evaluate([0.1] * 100), params, tmp_path)
-    # About 6 s at 1-1.5 s an epoch: the schedule is re-planned to the epochs that fit, so the learning
-    # rate has annealed to (nearly) zero by the end instead of being cut off near its peak.
-    assert 2 <= result.epochs_completed < 20
+    # Re-planned to the 3 epochs that fit (a tenth of an epoch kept for the last evaluation), so the
+    # learning rate has annealed to (nearly) zero by the end instead of being cut off near its peak.
+    assert (result.epochs_completed, result.stop_reason) == (3, "completed")
     assert result.history[-1]["lr"] < 0.05 * params.learning_rate
-    assert torch.load(checkpoint_paths(tmp_path)[1], weights_only=True)["planned_epochs"] < 20
+    assert torch.load(checkpoint_paths(tmp_path)[1], weights_only=True)["planned_epochs"] == 3
 
 
 def test_epochs_that_fit_come_from_the_mean_epoch_time_and_never_exceed_number_of_epochs():
