@@ -152,7 +152,7 @@ class PhasedLoader:
     def __init__(self, augmented: DataLoader, plain: DataLoader, params: TrainingParameters) -> None:
         self.augmented, self.plain = augmented, plain
         self.params = params
-        self.plain_from_epoch = params.number_of_epochs - plain_epochs(params) + 1
+        self.set_total_epochs(params.number_of_epochs)
         self.active = augmented
 
     def set_total_epochs(self, epochs: int) -> None:

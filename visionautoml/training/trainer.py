@@ -95,10 +95,9 @@ def build_optimizer(
     decayed = [parameter for parameter in parameters if parameter.ndim > 1]
     exempt = [parameter for parameter in parameters if parameter.ndim <= 1]
     groups = [{"params": decayed}] * bool(decayed) + [{"params": exempt, "weight_decay": 0.0}] * bool(exempt)
-    parameters = groups  # type: ignore[assignment]
     if params.optimizer == "sgd":
         return torch.optim.SGD(
-            parameters,
+            groups,
             lr=params.learning_rate,
             momentum=params.momentum,
             weight_decay=params.weight_decay,
@@ -106,7 +105,7 @@ def build_optimizer(
         )
     adam = torch.optim.Adam if params.optimizer == "adam" else torch.optim.AdamW
     return adam(
-        parameters,
+        groups,
         lr=params.learning_rate,
         betas=(params.beta1, params.beta2),
         weight_decay=params.weight_decay,
