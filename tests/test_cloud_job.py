@@ -120,6 +120,25 @@ def test_the_unchanged_cloud_job_with_yolov5_is_refused_before_any_run(example_c
     assert "Traceback" not in done.stderr and not (tmp_path / ".visionautoml").exists()
 
 
+def test_a_refused_job_is_answered_without_importing_ray_or_mlflow(example_copy):
+    """What keeps the refusal under a second: Ray Tune and MLflow (seconds of imports) load after the check."""
+    job = example_copy / JOB
+    job.write_text(job.read_text().replace("values: [yolox]", "values: [yolov5]"))
+    probe = (
+        "import sys\n"
+        "from visionautoml.cli import main\n"
+        f"sys.argv = ['visionautoml', 'train', {str(job)!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as done:\n"
+        "    loaded = sorted({'ray', 'mlflow', 'torch'} & set(sys.modules))\n"
+        "    print('exit', done.code, 'loaded', loaded)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert "AGPL-3.0" in done.stderr
+    assert done.stdout.strip() == "exit 1 loaded []"
+
+
 @pytest.mark.slow
 def test_the_example_job_trains_and_registers(example_copy, tmp_path, local_ray):
     small = [

@@ -9,7 +9,6 @@ from pathlib import Path
 import typer
 
 from visionautoml.cli.common import WORKSPACE_HELP, console
-from visionautoml.tracking.registry import use_store_for
 
 app = typer.Typer(help="The model zoo, and trained and registered models.", no_args_is_help=True)
 
@@ -78,7 +77,7 @@ def models_list(
     """
     from rich.table import Table
 
-    from visionautoml.tracking.registry import list_models
+    from visionautoml.tracking.registry import list_models, use_store_for
 
     models = list_models() if use_store_for(config, workspace) else []
     if as_json:
@@ -111,7 +110,7 @@ def models_show(
     from rich.table import Table
 
     from visionautoml.errors import TrackingError
-    from visionautoml.tracking.registry import list_versions
+    from visionautoml.tracking.registry import list_versions, use_store_for
     from visionautoml.tracking.schema import Tag
 
     if not use_store_for(config, workspace):
@@ -154,7 +153,7 @@ def models_promote(
     * `visionautoml models promote raccoon-detector 2 --alias champion` (roll back)
     """
     from visionautoml.errors import TrackingError
-    from visionautoml.tracking.registry import set_alias
+    from visionautoml.tracking.registry import set_alias, use_store_for
 
     if not use_store_for(config, workspace):
         raise TrackingError(f"no registered model named '{name}': the tracking store does not exist yet")

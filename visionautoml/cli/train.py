@@ -70,8 +70,6 @@ def train(
     * `MLFLOW_TRACKING_URI=http://127.0.0.1:5000 visionautoml train job.yaml`
     * `visionautoml train azureml-job.yml --datastore-root ./datastore` (a cloud AutoML job file as it is)
     """
-    from visionautoml.automl.train import settle
-    from visionautoml.automl.train import train as run
     from visionautoml.redact import masked_output, register_environment_credentials
     from visionautoml.secrets import load_config_with_secrets
 
@@ -84,7 +82,12 @@ def train(
     }
     with masked_output():
         register_environment_credentials()
-        settled = settle(load_config_with_secrets(config, overrides, settings))
+        job = load_config_with_secrets(config, overrides, settings)
+        # Ray Tune and MLflow take seconds to import: a config refused above is answered without them.
+        from visionautoml.automl.train import settle
+        from visionautoml.automl.train import train as run
+
+        settled = settle(job)
         err_console.print(f"tracking: {settled.login}", soft_wrap=True)
         outcome = run(settled, resume=resume, output_json=output_json, console=err_console)
     console.print(outcome.summary(), soft_wrap=True)
