@@ -169,3 +169,30 @@ def test_each_policy_stops_the_expected_trials_in_a_real_tune_run(
     local_ray, tmp_path, settings, curves, expected
 ):
     assert run_policy(settings, curves, tmp_path) == expected
+
+
+def replay_curve_then_finish(config):
+    """A trainer's reports: one per evaluation, then its summary flagged final (which logs the model)."""
+    for interval, value in enumerate(config["curve"], start=1):
+        tune.report({METRIC: value, "evaluation": interval})
+    tune.report({METRIC: max(config["curve"]), "evaluation": len(config["curve"]), "final": True})
+
+
+def test_asha_lets_the_trials_it_keeps_finish_with_their_final_report(local_ray, tmp_path):
+    """Ray's ASHA stops a trial at max_t before its last report by default: no finished trial had a model."""
+    curves = [[0.5, 0.6, 0.7, 0.8], [0.1, 0.1, 0.1, 0.1], [0.6, 0.7, 0.75, 0.9]]
+    scheduler = build_scheduler(
+        EarlyTermination.model_validate({"type": "asha", "delay_evaluation": 1}),
+        metric=METRIC,
+        max_intervals=4,
+    )
+    tuner = tune.Tuner(
+        replay_curve_then_finish,
+        param_space={"curve": tune.grid_search(curves)},
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=1, reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="asha", verbose=0),
+    )
+    finished = {
+        curves.index(result.config["curve"]): bool(result.metrics.get("final")) for result in tuner.fit()
+    }
+    assert finished == {0: True, 1: False, 2: True}

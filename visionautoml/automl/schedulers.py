@@ -175,6 +175,8 @@ def build_scheduler(
         return FIFOScheduler()
     if settings.type == "asha":
         grace = max(1, settings.delay_evaluation, settings.evaluation_interval)
+        # stop_last_trials=False: a trial at its last evaluation ends itself, with its final report
+        # and its model; Ray's default stops it there first, which cost every finished trial its model.
         return ASHAScheduler(
             time_attr=INTERVAL_KEY,
             metric=metric,
@@ -182,6 +184,7 @@ def build_scheduler(
             max_t=max(max_intervals, grace),
             grace_period=grace,
             reduction_factor=3,
+            stop_last_trials=False,
         )
     return PolicyScheduler(build_policy(settings, mode), metric=metric)
 
