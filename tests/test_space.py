@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from visionautoml.automl import space
 from visionautoml.automl.automatic import DataProfile, automatic_plan
-from visionautoml.config import ParameterDistribution, TrainingParameters, parse_config, search_space_problems
+from visionautoml.config import (
+    EarlyTermination,
+    ParameterDistribution,
+    TrainingParameters,
+    parse_config,
+    search_space_problems,
+)
 from visionautoml.errors import ConfigError, VisionAutoMLError
 from visionautoml.models.zoo import check_model_names
 
@@ -180,6 +186,21 @@ def test_the_automatic_mode_reads_the_data_the_machine_and_the_time():
     )
     assert [s["model_name"].values[0] for s in gpu.subspaces] == ["yolox_s", "yolox_tiny"]
     assert gpu.trials == 4 and gpu.fixed["max_minutes"] == 14.0  # a GPU affords the variety
+    # Trials that queue get ASHA (bench_sweep: the best kept at about half the compute); side by side, none.
+    assert (gpu.early_termination.type, gpu.early_termination.delay_evaluation) == ("asha", 2)
+    assert cpu.early_termination is None and any("no early termination" in r for r in cpu.reasons)
+    bandit = EarlyTermination(type="bandit", slack_factor=0.1)
+    own = automatic_plan(
+        large,
+        cpus=8,
+        gpus=1,
+        timeout_minutes=60,
+        max_trials=4,
+        max_concurrent=1,
+        available=models,
+        early_termination=bandit,
+    )
+    assert own.early_termination == bandit  # the job's policy is kept
     chosen = automatic_plan(
         large, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=None, available=models
     )

@@ -98,7 +98,8 @@ def run_sweep(
         plan, automatic = _plan(job, prepared, cluster, console)
         if automatic is not None:
             limits = job.limits.model_copy(update={"max_concurrent_trials": automatic.concurrent})
-            job = job.model_copy(update={"limits": limits})
+            chosen = job.sweep.model_copy(update={"early_termination": automatic.early_termination})
+            job = job.model_copy(update={"limits": limits, "sweep": chosen})
         storage = state.get("storage") or _new_storage(job, state_file, fingerprint)
         parent_run_id = state.get("parent_run_id") or runs.start_parent_run(
             job, experiment_id, fingerprint, prepared.tags(), plan, automatic is not None, storage=storage
@@ -243,6 +244,7 @@ def _plan(
             ),
             available=_available_models() or [],
             choose_start="pretrained" not in job.training_parameters.model_fields_set,
+            early_termination=job.sweep.early_termination,
         )
         subspaces = automatic.subspaces
         fixed = prepared.job.training_parameters.model_copy(update=automatic.fixed)
