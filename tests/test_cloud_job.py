@@ -121,7 +121,7 @@ def test_the_unchanged_cloud_job_with_yolov5_is_refused_before_any_run(example_c
 
 
 def test_a_refused_job_is_answered_without_importing_ray_or_mlflow(example_copy):
-    """What keeps the refusal under a second: Ray Tune and MLflow (seconds of imports) load after the check."""
+    """What keeps the refusal under a second: Ray Tune and MLflow (seconds to import) load after it."""
     job = example_copy / JOB
     job.write_text(job.read_text().replace("values: [yolox]", "values: [yolov5]"))
     probe = (
