@@ -363,15 +363,26 @@ def test_concurrent_requests_are_gathered_into_one_inference_call(open_server, i
         return response.json()[0]["boxes"]
 
     alone = [score(index) for index in range(4)]
-    before = httpx.get(open_server.url + "/metrics").text
-    with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(score, range(4)))
-    after = httpx.get(open_server.url + "/metrics").text
-    calls = metric(after, "visionautoml_batch_size_count") - metric(before, "visionautoml_batch_size_count")
-    scored = metric(after, "visionautoml_batch_size_sum") - metric(before, "visionautoml_batch_size_sum")
-    assert scored == 4 and calls < 4  # one inference thread, and it gathered requests into a batch
-    for batched, single in zip(together, alone, strict=True):
-        assert_same_boxes(batched, single)
+    # The batcher waits only for requests already being decoded, so on a loaded machine four client
+    # threads can reach it one by one; a few bursts give them the chance to overlap. A batcher that
+    # never gathers fails every burst.
+    bursts = []
+    for _ in range(5):
+        before = httpx.get(open_server.url + "/metrics").text
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(score, range(4)))
+        after = httpx.get(open_server.url + "/metrics").text
+        calls = metric(after, "visionautoml_batch_size_count") - metric(
+            before, "visionautoml_batch_size_count"
+        )
+        scored = metric(after, "visionautoml_batch_size_sum") - metric(before, "visionautoml_batch_size_sum")
+        assert scored == 4
+        for batched, single in zip(together, alone, strict=True):
+            assert_same_boxes(batched, single)
+        bursts.append(calls)
+        if calls < 4:
+            break
+    assert min(bursts) < 4, f"inference calls per burst of 4 requests: {bursts}"  # one thread, gathered
     # Alone, a request does not wait out the 2 s window: nothing else was on its way.
     started = time.monotonic()
     score(0)
