@@ -109,25 +109,33 @@ def example_copy(tmp_path):
     return folder
 
 
-def test_the_unchanged_cloud_job_with_yolov5_is_refused_before_any_run(example_copy, tmp_path):
+@pytest.fixture
+def yolov5_job(example_copy) -> Path:
+    """The example job as a migrating user has it: the cloud service's default model, yolov5."""
     job = example_copy / JOB
     job.write_text(job.read_text().replace("values: [yolox]", "values: [yolov5]"))
+    return job
+
+
+def test_the_unchanged_cloud_job_with_yolov5_is_refused_before_any_run(yolov5_job, tmp_path):
     done = subprocess.run(
-        [str(VISIONAUTOML), "train", str(job)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [str(VISIONAUTOML), "train", str(yolov5_job)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 1
     assert "'yolov5' (Ultralytics YOLO) is AGPL-3.0" in done.stderr and "use model_name: yolox" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / ".visionautoml").exists()
 
 
-def test_a_refused_job_is_answered_without_importing_ray_or_mlflow(example_copy):
+def test_a_refused_job_is_answered_without_importing_ray_or_mlflow(yolov5_job):
     """What keeps the refusal under a second: Ray Tune and MLflow (seconds to import) load after it."""
-    job = example_copy / JOB
-    job.write_text(job.read_text().replace("values: [yolox]", "values: [yolov5]"))
     probe = (
         "import sys\n"
         "from visionautoml.cli import main\n"
-        f"sys.argv = ['visionautoml', 'train', {str(job)!r}]\n"
+        f"sys.argv = ['visionautoml', 'train', {str(yolov5_job)!r}]\n"
         "try:\n"
         "    main()\n"
         "except SystemExit as done:\n"

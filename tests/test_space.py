@@ -186,7 +186,7 @@ def test_the_automatic_mode_reads_the_data_the_machine_and_the_time():
     )
     assert [s["model_name"].values[0] for s in gpu.subspaces] == ["yolox_s", "yolox_tiny"]
     assert gpu.trials == 4 and gpu.fixed["max_minutes"] == 14.0  # a GPU affords the variety
-    # Trials that queue get ASHA (bench_sweep: the best kept at about half the compute); side by side, none.
+    # Trials that queue get ASHA (bench_sweep: the best kept at 60% of the compute); side by side, none.
     assert (gpu.early_termination.type, gpu.early_termination.delay_evaluation) == ("asha", 2)
     assert cpu.early_termination is None and any("no early termination" in r for r in cpu.reasons)
     bandit = EarlyTermination(type="bandit", slack_factor=0.1)
