@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -180,7 +181,9 @@ def test_runs_wait_times_out_then_reports_failed_and_lost_detached_runs(tmp_path
     )
 
     assert failing.returncode == 0 and doomed.returncode == 0, failing.stderr + doomed.stderr
-    assert impatient.returncode == 124 and "still running after 0.06s; wait again" in impatient.stderr
+    # Under load the detached process may not have recorded "running" yet: either state is "not done".
+    assert impatient.returncode == 124
+    assert re.search(r"is still (starting|running) after 0\.06s; wait again", impatient.stderr)
     assert lost.returncode == 1
     assert f"pipeline run {doomed_id} lost: its process ended without recording an outcome" in lost.stderr
     assert waited.returncode == 1
