@@ -264,10 +264,10 @@ def main() -> None:
     speeds = [] if args.skip_onnx else onnx_speeds(args.data, work, args.sweep_dir or work)
     if speeds:
         base = next((row["ms_per_image"] for row in speeds if row["model"].startswith("ssdlite")), None)
-        print("\n| ONNX Runtime, 2 threads | image_size | ms/image | vs ssdlite |")
+        print("\n| ONNX Runtime, 2 threads | image_size | ms/image | speed vs ssdlite (above 1: faster) |")
         print("|---|---|---|---|")
         for row in speeds:
-            ratio = f"{base / row['ms_per_image']:.2f}x faster" if base else "-"
+            ratio = f"{base / row['ms_per_image']:.2f}x" if base else "-"
             print(f"| {row['model']} | {row['image_size']} | {row['ms_per_image']} | {ratio} |")
     if args.output_json:
         args.output_json.write_text(json.dumps({"runs": rows, "onnx": speeds}, indent=2))
