@@ -26,8 +26,8 @@ def test_the_yolox_example_gives_ssdlite_a_core_for_the_whole_budget_and_nano_th
     trials = [space.trial_parameters(job.training_parameters, trial) for trial in plan.trials]
 
     # Two at a time on two cores: the first two start together, the third when one of them ends.
-    assert job.limits.max_concurrent_trials == 2
+    assert limits.max_concurrent_trials == 2
     models = [trial.model_name for trial in trials]
     assert models == ["ssdlite320_mobilenet_v3_large", "yolox_nano", "yolox_tiny"]
     ssdlite, nano, tiny = (trial.max_minutes for trial in trials)
-    assert nano + tiny <= ssdlite <= job.limits.timeout_minutes
+    assert nano + tiny <= ssdlite <= limits.timeout_minutes
