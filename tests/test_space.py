@@ -161,22 +161,42 @@ def test_the_space_is_checked_when_the_config_loads_naming_the_bad_parameter_and
 
 def test_the_automatic_mode_reads_the_data_the_machine_and_the_time():
     large = DataProfile(images=160, classes=1, boxes=180, median_relative_side=0.6, small_share=0.0)
+    medium = DataProfile(images=160, classes=2, boxes=400, median_relative_side=0.2, small_share=0.05)
     small = DataProfile(images=160, classes=3, boxes=900, median_relative_side=0.04, small_share=0.5)
     models = [*ZOO_NAMES, "yolox_nano", "yolox_tiny", "yolox_s"]
     cpu = automatic_plan(
-        large, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=2, available=models
+        medium, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=2, available=models
     )
     names = [subspace["model_name"].values[0] for subspace in cpu.subspaces]
     assert names == ["yolox_nano", "ssdlite320_mobilenet_v3_large"]
-    assert cpu.fixed["image_size"] == 320 and cpu.fixed["apply_mosaic_for_yolo"] is False
+    assert cpu.fixed["image_size"] == 320 and cpu.fixed["apply_mosaic_for_yolo"] is True
     # CPUs alone: each model once, side by side, for the whole time (not 2 rounds of 9 minutes).
     assert cpu.trials == 2 and cpu.fixed["max_minutes"] == 19.0
     assert cpu.fixed["number_of_epochs"] == 300  # the trainer plans the epochs that fit in max_minutes
-    assert any("a mosaic would cut most objects apart" in reason for reason in cpu.reasons)
     one_at_a_time = automatic_plan(
-        large, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=1, available=models
+        medium, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=1, available=models
     )
     assert one_at_a_time.trials == 2 and one_at_a_time.fixed["max_minutes"] == 9.0
+    # Large objects on CPUs: SSDlite alone on every core, for the whole time, no mosaic.
+    alone = automatic_plan(
+        large, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=None, available=models
+    )
+    assert [s["model_name"].values[0] for s in alone.subspaces] == ["ssdlite320_mobilenet_v3_large"]
+    assert (alone.concurrent, alone.trials, alone.fixed["max_minutes"]) == (1, 1, 19.0)
+    assert alone.fixed["apply_mosaic_for_yolo"] is False
+    assert any("a mosaic would cut most objects apart" in reason for reason in alone.reasons)
+    assert any("alone, on every core" in reason for reason in alone.reasons)
+    assert any("1 trial at a time on 2 CPU(s)" in reason for reason in alone.reasons)
+    # The job's own concurrency is kept: two SSDlite trials side by side, each with its learning rate.
+    two = automatic_plan(
+        large, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=2, available=models
+    )
+    assert (two.concurrent, two.trials) == (2, 2)
+    # Without SSDlite in the zoo, the large objects fall back to the pair's remaining model.
+    no_ssd = automatic_plan(
+        large, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=None, available=["yolox_nano"]
+    )
+    assert [s["model_name"].values[0] for s in no_ssd.subspaces] == ["yolox_nano"]
     tiny = automatic_plan(
         small, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=2, available=models
     )
@@ -202,7 +222,7 @@ def test_the_automatic_mode_reads_the_data_the_machine_and_the_time():
     )
     assert own.early_termination == bandit  # the job's policy is kept
     chosen = automatic_plan(
-        large, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=None, available=models
+        medium, cpus=2, gpus=0, timeout_minutes=20, max_trials=4, max_concurrent=None, available=models
     )
     assert (chosen.concurrent, chosen.trials, chosen.fixed["max_minutes"]) == (2, 2, 19.0)
     assert any("2 trial(s) at a time on 2 CPU(s)" in reason for reason in chosen.reasons)
